@@ -1,0 +1,119 @@
+"""Variance modes: per-parameter ``(a, b)`` of the precision ``a * v + b`` (DESIGN section 4).
+
+``v`` is the second moment as the optimizer stores it; ``v_hat = scale * v + shift`` corrects it
+(:mod:`l2m_fast.optim`), and the correction is folded into ``(a, b)`` so the kernel stays one formula.
+
+* **paper** (eq. 6 and the paper's pseudo-code): ``precision = v_hat + 1/lambda + eps`` with the
+  group's ``weight_decay`` as lambda and its ``eps``. Note that the paper adds ``1/lambda``, the prior
+  *variance*, to the Fisher diagonal: a larger weight decay gives a *wider* posterior. We keep the paper's
+  formula in this mode; the explicit mode is the principled alternative.
+* **explicit**: ``precision = fisher_scale * v_hat + prior_precision``, the variance multiplied by
+  ``temperature``. Adam's ``v`` is the second moment of *mini-batch mean* gradients; near the optimum
+  the empirical Fisher of the summed loss over N points is about ``N * B * v`` for batch size B, and an
+  L2 penalty ``(lambda / 2) |theta|^2`` added to a mean loss is a Gaussian prior of precision
+  ``N * lambda`` on that scale (AdamW's decoupled decay only approximately so). Given ``num_data`` and
+  ``batch_size`` these are the defaults: ``fisher_scale = N * B`` and ``prior_precision = N * lambda``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .optim import ParamMoment
+
+__all__ = ["PerGroup", "per_group", "paper_coefficients", "explicit_coefficients", "MODES"]
+
+MODES = ("paper", "explicit")
+
+PerGroup = float | Sequence[float] | Mapping[int, float] | None
+
+
+def per_group(value: PerGroup, group: int, what: str) -> float | None:
+    """The value for one parameter group: a scalar applies to all, a sequence or mapping by group index."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        v = value.get(group)
+        return None if v is None else float(v)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if group >= len(value):
+            raise ValueError(f"{what} gives {len(value)} values but the optimizer has a group {group}")
+        return float(value[group])
+    return float(value)
+
+
+def _group_error(m: ParamMoment, what: str, fix: str) -> ValueError:
+    return ValueError(f"param group {m.group} (parameter {m.name!r}): {what}; {fix}")
+
+
+def paper_coefficients(
+    m: ParamMoment, weight_decay: PerGroup = None, eps: PerGroup = None
+) -> tuple[float, float]:
+    """``(a, b)`` of paper mode: ``precision = v_hat + 1 / weight_decay + eps``.
+
+    Args:
+        m: the parameter's moment and its group's hyperparameters.
+        weight_decay: override of the group's weight decay (lambda).
+        eps: override of the group's eps.
+    """
+    wd = per_group(weight_decay, m.group, "weight_decay")
+    if wd is None:
+        wd = float(m.hyper.get("weight_decay", 0.0))  # type: ignore[arg-type]
+    e = per_group(eps, m.group, "eps")
+    if e is None:
+        e = float(m.hyper.get("eps", 0.0))  # type: ignore[arg-type]
+    if not wd > 0:
+        raise _group_error(
+            m,
+            f"weight_decay={wd} gives paper mode no prior term (it adds 1/weight_decay)",
+            "use mode='explicit' with prior_precision=... (or num_data=...), or pass weight_decay={group: value}",
+        )
+    if e < 0:
+        raise _group_error(m, f"eps={e} is negative", "pass eps={group: value} >= 0")
+    return m.scale, m.shift + 1.0 / wd + e
+
+
+def explicit_coefficients(
+    m: ParamMoment,
+    fisher_scale: PerGroup = None,
+    prior_precision: PerGroup = None,
+    temperature: PerGroup = 1.0,
+    num_data: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[float, float]:
+    """``(a, b)`` of explicit mode: ``precision = (fisher_scale * v_hat + prior_precision) / temperature``.
+
+    Args:
+        m: the parameter's moment and its group's hyperparameters.
+        fisher_scale: multiplier of ``v_hat``; default ``num_data * batch_size``.
+        prior_precision: additive precision; default ``num_data * weight_decay``.
+        temperature: multiplies the variance. Default 1.0.
+        num_data: N, the number of training points.
+        batch_size: B, the mini-batch size of training.
+    """
+    fs = per_group(fisher_scale, m.group, "fisher_scale")
+    if fs is None:
+        if num_data is None or batch_size is None:
+            raise _group_error(
+                m, "explicit mode needs a fisher_scale", "pass fisher_scale=... or num_data=N and batch_size=B"
+            )
+        fs = float(num_data) * float(batch_size)
+    pp = per_group(prior_precision, m.group, "prior_precision")
+    if pp is None:
+        wd = float(m.hyper.get("weight_decay", 0.0))  # type: ignore[arg-type]
+        if num_data is None or not wd > 0:
+            raise _group_error(
+                m,
+                f"no prior precision (weight_decay={wd}, num_data={num_data})",
+                "pass prior_precision=... (or num_data=N with a positive weight_decay)",
+            )
+        pp = float(num_data) * wd
+    t = per_group(temperature, m.group, "temperature")
+    t = 1.0 if t is None else t
+    if not fs >= 0 or not pp >= 0 or not t > 0:
+        raise _group_error(
+            m,
+            f"fisher_scale={fs}, prior_precision={pp}, temperature={t}",
+            "fisher_scale and prior_precision must be >= 0 and temperature > 0",
+        )
+    return fs * m.scale / t, (fs * m.shift + pp) / t

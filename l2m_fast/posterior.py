@@ -1,0 +1,429 @@
+"""``L2MPosterior``: a diagonal Gaussian over a model's parameters, sampled by the fused op.
+
+The posterior snapshots theta (the MAP) and the optimizer's second moment ``v`` at construction into
+two flat float32 vectors in the model's parameter order, with the precision ``a * v + b`` given per
+segment of elements (:mod:`l2m_fast.modes`). Training on afterwards does not change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .layout import FlatLayout
+from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients
+from .ops.sample import OUTPUT_DTYPES, check_values, sample_diag_gaussian
+from .optim import ParamFilter, ParamMoment, moments_from_optimizer, moments_from_state_dict
+
+__all__ = ["L2MPosterior", "SampleBatch"]
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """S samples of the posterior: one flat ``(S, P)`` tensor and zero-copy views by parameter name.
+
+    Attributes:
+        flat: (S, P) samples, one row per sample.
+        layout: where each parameter lives in a row.
+    """
+
+    flat: Tensor
+    layout: FlatLayout
+
+    def __len__(self) -> int:
+        return self.flat.shape[0]
+
+    def __getitem__(self, name: str) -> Tensor:
+        """(S, *shape) view of one parameter's samples."""
+        slot = self.layout[name]
+        return self.flat[:, slot.offset : slot.stop].view(-1, *slot.shape)
+
+    def views(self) -> dict[str, Tensor]:
+        """name -> (S, *shape) views, for ``torch.func.functional_call`` under ``vmap``."""
+        return self.layout.views(self.flat)
+
+
+def _segments(coeffs: Sequence[tuple[float, float]], layout: FlatLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """Merges runs of parameters with equal ``(a, b)`` into segments: ``a (G,), b (G,), bounds (G+1,)``."""
+    a_list: list[float] = []
+    b_list: list[float] = []
+    bounds = [0]
+    for (a, b), slot in zip(coeffs, layout):
+        if a_list and a_list[-1] == a and b_list[-1] == b:
+            bounds[-1] = slot.stop
+        else:
+            a_list.append(a)
+            b_list.append(b)
+            bounds.append(slot.stop)
+    if not a_list:
+        a_list, b_list = [1.0], [1.0]
+    return (
+        torch.tensor(a_list, dtype=torch.float32),
+        torch.tensor(b_list, dtype=torch.float32),
+        torch.tensor(bounds if len(bounds) > 1 else [0, 0], dtype=torch.int64),
+    )
+
+
+class L2MPosterior:
+    """Diagonal Gaussian ``N(theta, diag(a * v + b)^-1)`` over (some of) a model's parameters.
+
+    Build it with :meth:`from_optimizer` or :meth:`from_state_dict`; the constructor takes the pieces
+    directly, for any diagonal Gaussian whose precision is ``a * v + b``.
+
+    Args:
+        params: name -> parameter (the mean), in the order that fixes the flat layout.
+        second_moments: name -> ``v``, each the shape of its parameter.
+        a: per-group scale of ``v``: a float, a sequence indexed by group or a mapping group -> value.
+        b: per-group additive precision, likewise. Must make ``a * v + b > 0``.
+        groups: name -> group index (default: every parameter in group 0).
+        mode: a label for the repr (``"paper"``, ``"explicit"`` or ``"custom"``).
+        kept_at_map: ``(name, reason)`` of parameters left out of the posterior.
+        device: where to keep the snapshot (default: the parameters' device).
+
+    Attributes:
+        layout: the flat layout of the covered parameters.
+        theta: (P,) float32 snapshot of the mean.
+        v: (P,) float32 snapshot of the second moment.
+        seg_a, seg_b: (G,) float32 per-segment coefficients; seg_bounds: (G + 1,) int64.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        second_moments: Mapping[str, Tensor],
+        a: PerGroup = 1.0,
+        b: PerGroup = 1.0,
+        groups: Mapping[str, int] | None = None,
+        *,
+        mode: str = "custom",
+        kept_at_map: Sequence[tuple[str, str]] = (),
+        device: torch.device | str | None = None,
+    ) -> None:
+        from .modes import per_group
+
+        names = list(params)
+        missing = [n for n in names if n not in second_moments]
+        if missing:
+            raise KeyError(f"no second moment for parameters {missing[:5]}: give one tensor per parameter")
+        extra = [n for n in second_moments if n not in params]
+        if extra:
+            raise KeyError(f"second moments given for unknown parameters {extra[:5]}")
+        groups = dict(groups or {})
+        coeffs = []
+        for n in names:
+            g = groups.get(n, 0)
+            ag, bg = per_group(a, g, "a"), per_group(b, g, "b")
+            if ag is None or bg is None:
+                raise ValueError(f"no (a, b) for group {g} of parameter {n!r}")
+            coeffs.append((ag, bg))
+        self._init(
+            [(n, params[n], second_moments[n]) for n in names], coeffs, mode, kept_at_map, groups, device
+        )
+
+    def _init(
+        self,
+        entries: Sequence[tuple[str, Tensor, Tensor]],
+        coeffs: Sequence[tuple[float, float]],
+        mode: str,
+        kept_at_map: Sequence[tuple[str, str]],
+        groups: Mapping[str, int],
+        device: torch.device | str | None,
+    ) -> None:
+        for name, p, v in entries:
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"parameter {name!r}: second moment shape {tuple(v.shape)} != {tuple(p.shape)}")
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {name!r} is {p.dtype}: only floating-point parameters can be sampled")
+        if device is None:
+            device = entries[0][1].device if entries else torch.device("cpu")
+        device = torch.device(device)
+        self.layout = FlatLayout.from_shapes((n, p.shape) for n, p, _ in entries)
+        with torch.no_grad():
+            self.theta = self.layout.flatten({n: p for n, p, _ in entries}).to(device)
+            self.v = self.layout.flatten({n: v for n, _, v in entries}).to(device)
+            if self.layout.numel and self.theta.data_ptr() == entries[0][1].data_ptr():
+                self.theta = self.theta.clone()
+        self.seg_a, self.seg_b, self.seg_bounds = (t.to(device) for t in _segments(coeffs, self.layout))
+        self.mode = mode
+        self.kept_at_map: tuple[tuple[str, str], ...] = tuple(kept_at_map)
+        self.param_dtypes = {n: p.dtype for n, p, _ in entries}
+        self.groups = {n: int(groups.get(n, 0)) for n, _, _ in entries}
+        self._coeffs = {n: c for (n, _, _), c in zip(entries, coeffs)}
+        if self.layout.numel:
+            check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
+
+    @classmethod
+    def _from_moments(
+        cls,
+        model: nn.Module,
+        moments: list[ParamMoment],
+        kept: list[tuple[str, str]],
+        mode: str,
+        options: dict,
+    ) -> L2MPosterior:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not moments:
+            raise ValueError(
+                "no parameter is covered: the selection is empty or no parameter has optimizer state "
+                f"({len(kept)} left out: {[n for n, _ in kept][:5]})"
+            )
+        named = dict(model.named_parameters())
+        if mode == "paper":
+            unknown = set(options) - {"weight_decay", "eps"}
+            coeff_fn = paper_coefficients
+        else:
+            unknown = set(options) - {"fisher_scale", "prior_precision", "temperature", "num_data", "batch_size"}
+            coeff_fn = explicit_coefficients
+        if unknown:
+            raise TypeError(f"{sorted(unknown)} do not apply to mode={mode!r}")
+        coeffs = [coeff_fn(m, **options) for m in moments]
+        post = cls.__new__(cls)
+        post._init(
+            [(m.name, named[m.name], m.v) for m in moments],
+            coeffs,
+            mode,
+            kept,
+            {m.name: m.group for m in moments},
+            None,
+        )
+        return post
+
+    @classmethod
+    def from_optimizer(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        mode: str = "paper",
+        params: ParamFilter = None,
+        missing: str = "raise",
+        **options: PerGroup | int,
+    ) -> L2MPosterior:
+        """The L2M posterior of a trained model from its live optimizer (Adam, AdamW, NAdam, RAdam,
+        RMSprop, Adagrad, Adadelta).
+
+        Args:
+            model: the trained model (its current weights are the MAP).
+            optimizer: the optimizer that trained it.
+            mode: ``"paper"`` (default; ``precision = v_hat + 1/weight_decay + eps``) or ``"explicit"``.
+            params: subset: parameter names, or a predicate ``(name, param) -> bool`` such as
+                ``lambda n, p: n.startswith("head.")``; the rest stay at the MAP. Default: all.
+            missing: ``"raise"`` (default) or ``"skip"`` for parameters the optimizer has no state for.
+            **options: paper mode: ``weight_decay``, ``eps`` overrides; explicit mode: ``fisher_scale``,
+                ``prior_precision``, ``temperature``, ``num_data``, ``batch_size``. Each a float, a
+                sequence indexed by group, or a mapping group -> value.
+        """
+        moments, kept = moments_from_optimizer(model, optimizer, params, missing)
+        return cls._from_moments(model, moments, kept, mode, options)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        model: nn.Module,
+        optimizer_state: Mapping[str, object],
+        *,
+        optimizer: type | None = None,
+        param_names: Sequence[str] | None = None,
+        mode: str = "paper",
+        params: ParamFilter = None,
+        missing: str = "raise",
+        **options: PerGroup | int,
+    ) -> L2MPosterior:
+        """The L2M posterior from a checkpoint: the model (weights loaded) and ``optimizer.state_dict()``.
+
+        Args:
+            model: the model, its weights the MAP.
+            optimizer_state: the optimizer's ``state_dict()``.
+            optimizer: the optimizer class, if it cannot be told from the state.
+            param_names: the model name of each state_dict parameter, in its order (see
+                :func:`l2m_fast.optim.moments_from_state_dict` for the default matching).
+            mode, params, missing, **options: as in :meth:`from_optimizer`.
+        """
+        moments, kept = moments_from_state_dict(model, optimizer_state, optimizer, param_names, params, missing)
+        return cls._from_moments(model, moments, kept, mode, options)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def num_params(self) -> int:
+        """P, the number of scalar parameters covered."""
+        return self.layout.numel
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta.device
+
+    def variance(self) -> Tensor:
+        """(P,) float32 posterior variance ``1 / (a * v + b)``."""
+        if not self.layout.numel:
+            return self.theta.clone()
+        from .ops.reference import segment_ids_ref
+
+        seg = segment_ids_ref(self.seg_bounds, self.layout.numel)
+        return 1.0 / (self.seg_a[seg] * self.v + self.seg_b[seg])
+
+    def to(self, device: torch.device | str) -> L2MPosterior:
+        """Moves the snapshot to ``device`` in place; returns self."""
+        for name in ("theta", "v", "seg_a", "seg_b", "seg_bounds"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        *,
+        sample_offset: int = 0,
+        dtype: torch.dtype = torch.float32,
+        out: Tensor | None = None,
+    ) -> SampleBatch:
+        """Draws S samples in one call of the fused sampler.
+
+        Sample ``s`` of seed ``k`` is the same whatever the chunking: ``sample(4, k, sample_offset=2)``
+        returns samples 2..5 of ``sample(8, k)``.
+
+        Args:
+            num_samples: S.
+            seed: 64-bit seed. Default 0.
+            sample_offset: index of the first sample. Default 0.
+            dtype: float32 (default), bfloat16 or float16 when ``out`` is None.
+            out: optional (S, P) contiguous buffer to reuse (a fresh large output costs page faults).
+
+        Returns:
+            A :class:`SampleBatch`: ``batch.flat`` (S, P), ``batch[name]`` (S, *shape).
+        """
+        if dtype not in OUTPUT_DTYPES:
+            raise TypeError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
+        flat = sample_diag_gaussian(
+            self.theta,
+            self.v,
+            num_samples,
+            a=self.seg_a,
+            b=self.seg_b,
+            bounds=self.seg_bounds,
+            seed=seed,
+            sample_offset=sample_offset,
+            dtype=dtype,
+            out=out,
+            validate=False,
+        )
+        return SampleBatch(flat, self.layout)
+
+    def _live_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        named = dict(model.named_parameters())
+        out = {}
+        for slot in self.layout:
+            p = named.get(slot.name)
+            if p is None:
+                raise KeyError(f"the model has no parameter {slot.name!r} that this posterior covers")
+            if tuple(p.shape) != slot.shape:
+                raise ValueError(f"parameter {slot.name!r} has shape {tuple(p.shape)}, the posterior {slot.shape}")
+            if p.device != self.device:
+                raise ValueError(
+                    f"parameter {slot.name!r} is on {p.device} but the posterior on {self.device}: "
+                    "move one with .to(device)"
+                )
+            out[slot.name] = p
+        return out
+
+    @contextmanager
+    def sampled(self, model: nn.Module, index: int = 0, seed: int = 0) -> Iterator[nn.Module]:
+        """Writes sample ``index`` of ``seed`` into the model's parameters in place; restores them on exit.
+
+        The restore is bit-for-bit and happens on exceptions too. Parameters the posterior does not
+        cover are untouched.
+
+        Args:
+            model: the model the posterior was built from.
+            index: which sample (the same as row ``index`` of ``sample(index + 1, seed).flat``).
+            seed: 64-bit seed.
+
+        Yields:
+            The model, holding the sample.
+        """
+        params = self._live_params(model)
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            row = self.sample(1, seed, sample_offset=index).flat[0]
+            views = self.layout.views(row)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(views[n])
+            del row, views
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])
+
+    # ---------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict[str, object]:
+        """A ``torch.save``-able description of the posterior."""
+        return {
+            "version": _STATE_VERSION,
+            "layout": self.layout.to_spec(),
+            "theta": self.theta,
+            "v": self.v,
+            "seg_a": self.seg_a,
+            "seg_b": self.seg_b,
+            "seg_bounds": self.seg_bounds,
+            "mode": self.mode,
+            "kept_at_map": list(self.kept_at_map),
+            "param_dtypes": {n: str(d).removeprefix("torch.") for n, d in self.param_dtypes.items()},
+            "groups": dict(self.groups),
+            "coeffs": dict(self._coeffs),
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Loads a :meth:`state_dict`; the layout (names and shapes, in order) must match this posterior's."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported posterior state version {state.get('version')!r}")
+        layout = FlatLayout.from_shapes(state["layout"])  # type: ignore[arg-type]
+        if layout != self.layout:
+            ours, theirs = self.layout.to_spec(), layout.to_spec()
+            diff = next(((x, y) for x, y in zip(ours, theirs) if x != y), (len(ours), len(theirs)))
+            raise ValueError(f"the state's layout does not match this posterior's (first difference: {diff})")
+        device = self.device
+        self.theta = state["theta"].to(device)  # type: ignore[union-attr]
+        self.v = state["v"].to(device)  # type: ignore[union-attr]
+        self.seg_a = state["seg_a"].to(device)  # type: ignore[union-attr]
+        self.seg_b = state["seg_b"].to(device)  # type: ignore[union-attr]
+        self.seg_bounds = state["seg_bounds"].to(device)  # type: ignore[union-attr]
+        self.mode = str(state["mode"])
+        self.kept_at_map = tuple(tuple(x) for x in state["kept_at_map"])  # type: ignore[union-attr]
+        self.param_dtypes = {n: getattr(torch, d) for n, d in state["param_dtypes"].items()}  # type: ignore[union-attr]
+        self.groups = dict(state["groups"])  # type: ignore[arg-type]
+        self._coeffs = dict(state["coeffs"])  # type: ignore[arg-type]
+        check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
+
+    @classmethod
+    def from_saved(cls, state: Mapping[str, object], device: torch.device | str | None = None) -> L2MPosterior:
+        """Rebuilds a posterior from :meth:`state_dict` alone (no model needed)."""
+        post = cls.__new__(cls)
+        post.layout = FlatLayout.from_shapes(state["layout"])  # type: ignore[arg-type]
+        post.theta = torch.empty(0, device=device)
+        post.load_state_dict(state)
+        return post
+
+    def __repr__(self) -> str:
+        g = self.seg_a.numel()
+        groups = sorted(set(self.groups.values()))
+        lines = [
+            f"L2MPosterior(P={self.num_params:,}, tensors={len(self.layout)}, groups={groups}, segments={g}, "
+            f"mode={self.mode!r}, dtype={self.theta.dtype}, device={self.device})"
+        ]
+        if self.kept_at_map:
+            shown = ", ".join(f"{n} ({why})" for n, why in self.kept_at_map[:6])
+            more = f", +{len(self.kept_at_map) - 6} more" if len(self.kept_at_map) > 6 else ""
+            lines.append(f"  kept at the MAP: {shown}{more}")
+        return "\n".join(lines)
