@@ -129,7 +129,8 @@ def test_opcheck():
     theta, v = _inputs(37)
     args = (theta, v, torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0]), torch.tensor([0, 10, 37]), -5, 3, 17)
     for dtype in (torch.float32, torch.bfloat16):
-        torch.library.opcheck(torch.ops.l2m_fast.sample_diag_gaussian_out.default, (*args, torch.empty(6, 37, dtype=dtype)))
+        out = torch.empty(6, 37, dtype=dtype)
+        torch.library.opcheck(torch.ops.l2m_fast.sample_diag_gaussian_out.default, (*args, out))
 
 
 def test_reference_signature_matches_the_op():

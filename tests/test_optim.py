@@ -179,7 +179,10 @@ def test_state_dict_with_named_parameters():
     assert torch.equal(post.variance(), L2MPosterior.from_optimizer(model, opt).variance())
 
 
-@pytest.mark.parametrize(("bad", "match"), [(float("nan"), "non-finite"), (float("inf"), "non-finite"), (-1.0, "negative")])
+CORRUPT = [(float("nan"), "non-finite"), (float("inf"), "non-finite"), (-1.0, "negative")]
+
+
+@pytest.mark.parametrize(("bad", "match"), CORRUPT)
 def test_corrupt_second_moments_are_refused(bad, match):
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
