@@ -130,6 +130,8 @@ def _correction(kind: str, state: Mapping[str, object], group: Mapping[str, obje
 
 
 def _check_finite(name: str, v: Tensor) -> None:
+    if hasattr(v, "to_local"):  # a DTensor: check this rank's shard, without a collective
+        v = v.to_local()
     bad = ~torch.isfinite(v)
     if bool(bad.any()):
         raise ValueError(

@@ -113,8 +113,20 @@ def _check_local_equals_ref(post, ref, model: nn.Module, s: int, dtype: torch.dt
 # ------------------------------------------------------------------ scenarios (run on every rank)
 
 
-def _scenario_fsdp_samples(mesh) -> None:  # noqa: ANN001
+def _scenario_fsdp_samples(mesh, tmpdir: str) -> None:  # noqa: ANN001
     model, opt, _ = _fsdp_trained(mesh)
+    # construction and sampling communicate nothing: rank 0 alone builds and samples while rank 1 waits
+    # on a file (not a collective); a collective inside would block rank 0 until the group's timeout
+    flag = os.path.join(tmpdir, "alone.done")
+    if dist.get_rank() == 0:
+        try:
+            l2m_fast.L2MPosterior.from_optimizer(model, opt).sample(2, SEED)
+        finally:
+            open(flag, "w").close()
+    else:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.05)
     post = l2m_fast.L2MPosterior.from_optimizer(model, opt)
     _, ref = _reference(model, opt)
     assert post.is_sharded and not ref.is_sharded
@@ -128,7 +140,7 @@ def _scenario_fsdp_samples(mesh) -> None:  # noqa: ANN001
     assert saved.runs == post.runs and torch.equal(saved.sample(3, SEED).flat, post.sample(3, SEED).flat)
 
 
-def _scenario_fsdp_sampled(mesh) -> None:  # noqa: ANN001
+def _scenario_fsdp_sampled(mesh, tmpdir: str) -> None:  # noqa: ANN001
     model, opt, x = _fsdp_trained(mesh)
     post = l2m_fast.L2MPosterior.from_optimizer(model, opt)
     plain, ref = _reference(model, opt)
@@ -155,7 +167,7 @@ def _scenario_fsdp_sampled(mesh) -> None:  # noqa: ANN001
     assert torch.equal(y0, y1)
 
 
-def _scenario_dtensor_replicate(mesh) -> None:  # noqa: ANN001
+def _scenario_dtensor_replicate(mesh, tmpdir: str) -> None:  # noqa: ANN001
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     class Toy(nn.Module):
@@ -253,7 +265,7 @@ def _worker(rank: int, port: int, tmpdir: str) -> None:
     for name in SCENARIOS:
         fn = globals()[f"_scenario_{name}"]
         try:
-            fn(mesh, tmpdir) if name == "dcp" else fn(mesh)
+            fn(mesh, tmpdir)
             results[name] = None
         except Exception:  # recorded and asserted by the test of that scenario
             results[name] = traceback.format_exc()
