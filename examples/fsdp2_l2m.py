@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from datetime import timedelta
 
@@ -84,6 +85,9 @@ def main() -> None:
     loaded = posterior_from_checkpoint(fresh, torch.optim.AdamW(fresh.parameters()), path)
     same = torch.equal(loaded.sample(4, seed=3).flat, post.sample(4, seed=3).flat)
     print(f"rank {rank}: posterior from the checkpoint samples identically: {same}", flush=True)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(tmp[0])
     dist.destroy_process_group()
 
 

@@ -19,6 +19,17 @@ one. The posterior keeps its local elements back to back and a tuple of runs
 ``(local_offset, global_offset, numel)``, merging runs that continue each other; :func:`sample_runs`
 calls the op once per run with ``element_offset`` and the run's own segments ``(a, b)``.
 
+**In place and predictive.** :func:`sampled_sharded` (what ``L2MPosterior.sampled`` does when
+``post.is_sharded``) writes a sample into each rank's local shards; the model's own forward then
+all-gathers it as FSDP2 always does. A batched predictive (``torch.func.functional_call`` over
+``(S, *shape)`` samples) needs whole parameters, which a sharded posterior does not have: ``predict``
+must loop over ``sampled`` there, every rank running the same forwards.
+
+**Checkpoints.** :func:`posterior_from_checkpoint` loads a ``torch.distributed.checkpoint`` of model
+and optimizer into a sharded model and a fresh optimizer, then builds the posterior. A name-keyed
+optimizer state (``get_optimizer_state_dict``), sharded or full, also goes straight to
+``L2MPosterior.from_state_dict``: a full moment next to a sharded parameter is sliced locally.
+
 Only ``Shard`` and ``Replicate`` placements are supported (``Partial`` is not a parameter layout;
 ``_StridedShard``, used when FSDP2 and tensor parallelism shard the same dimension, is refused).
 """

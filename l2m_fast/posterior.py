@@ -369,7 +369,8 @@ class L2MPosterior:
         """Writes sample ``index`` of ``seed`` into the model's parameters in place; restores them on exit.
 
         The restore is bit-for-bit and happens on exceptions too. Parameters the posterior does not
-        cover are untouched.
+        cover are untouched. A sharded posterior (``is_sharded``) writes this rank's local shards
+        (FSDP2 modules resharded first); every rank must enter it (:mod:`l2m_fast.distributed`).
 
         Args:
             model: the model the posterior was built from.
