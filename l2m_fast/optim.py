@@ -130,6 +130,8 @@ def _correction(kind: str, state: Mapping[str, object], group: Mapping[str, obje
 
 
 def _check_finite(name: str, v: Tensor) -> None:
+    if hasattr(v, "to_local"):  # a DTensor: check this rank's shard, without a collective
+        v = v.to_local()
     bad = ~torch.isfinite(v)
     if bool(bad.any()):
         raise ValueError(
@@ -271,7 +273,8 @@ def moments_from_state_dict(
 
     The state_dict numbers parameters ``0..n-1`` in the order of its parameter groups. They are matched
     to model names by, in this order: ``param_names`` if given; the groups' own ``param_names`` (written
-    when the optimizer was built from ``model.named_parameters()``); else the model's trainable
+    when the optimizer was built from ``model.named_parameters()``); the state's own keys when they
+    are parameter names (``get_optimizer_state_dict`` of ``torch.distributed.checkpoint``); else the model's trainable
     parameters in ``named_parameters()`` order, which is right when the optimizer was built from
     ``model.parameters()``. Counts and shapes are checked either way.
 
@@ -294,7 +297,10 @@ def moments_from_state_dict(
     _check_filter_names(model, params)
     ids = [(pid, gi) for gi, g in enumerate(groups) for pid in g["params"]]
     named = dict(model.named_parameters())
-    if param_names is None and all("param_names" in g for g in groups):
+    if param_names is None and ids and all(isinstance(pid, str) and pid in named for pid, _ in ids):
+        param_names = [pid for pid, _ in ids]  # keyed by name (torch.distributed.checkpoint.state_dict)
+        source = "the state_dict's parameter names"
+    elif param_names is None and all("param_names" in g for g in groups):
         param_names = [n for g in groups for n in g["param_names"]]
         source = "the state_dict's param_names"
     elif param_names is None:

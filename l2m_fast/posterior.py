@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .distributed import is_dtensor, localize, reshard_fsdp, sample_runs, sampled_sharded
 from .layout import FlatLayout
 from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients
 from .ops.sample import OUTPUT_DTYPES, check_values, sample_diag_gaussian
@@ -42,7 +43,7 @@ class SampleBatch:
     def __getitem__(self, name: str) -> Tensor:
         """(S, *shape) view of one parameter's samples."""
         slot = self.layout[name]
-        return self.flat[:, slot.offset : slot.stop].view(-1, *slot.shape)
+        return self.flat[:, slot.offset : slot.stop].view(self.flat.shape[0], *slot.shape)
 
     def views(self) -> dict[str, Tensor]:
         """name -> (S, *shape) views, for ``torch.func.functional_call`` under ``vmap``."""
@@ -91,6 +92,13 @@ class L2MPosterior:
         theta: (P,) float32 snapshot of the mean.
         v: (P,) float32 snapshot of the second moment.
         seg_a, seg_b: (G,) float32 per-segment coefficients; seg_bounds: (G + 1,) int64.
+        is_sharded: built from DTensor (FSDP2) parameters. Then ``layout``, ``theta``, ``v`` and samples
+            hold this rank's local elements only (local shapes), ``runs`` gives their global flat
+            indices, and ``sampled`` writes local shards in place. Consumers that need whole
+            parameters (a batched ``functional_call`` predictive) must use the ``sampled`` loop instead.
+        runs: ``(local_offset, global_offset, numel)`` runs of consecutive global indices; one run
+            ``(0, 0, P)`` when not sharded (see :mod:`l2m_fast.distributed`).
+        global_numel: P of the whole, unsharded posterior.
     """
 
     def __init__(
@@ -143,6 +151,12 @@ class L2MPosterior:
         if device is None:
             device = entries[0][1].device if entries else torch.device("cpu")
         device = torch.device(device)
+        # DTensor (FSDP2) parameters: keep this rank's local shards and their global flat indices.
+        self.runs: tuple[tuple[int, int, int], ...] = ((0, 0, sum(p.numel() for _, p, _ in entries)),)
+        self.global_numel = self.runs[0][2]
+        self.is_sharded = False
+        if any(is_dtensor(p) or is_dtensor(v) for _, p, v in entries):
+            entries, self.runs, self.global_numel, self.is_sharded = localize(entries)
         self.layout = FlatLayout.from_shapes((n, p.shape) for n, p, _ in entries)
         with torch.no_grad():
             self.theta = self.layout.flatten({n: p for n, p, _ in entries}).to(device)
@@ -220,6 +234,7 @@ class L2MPosterior:
                 ``prior_precision``, ``temperature``, ``num_data``, ``batch_size``. Each a float, a
                 sequence indexed by group, or a mapping group -> value.
         """
+        reshard_fsdp(model)  # an unsharded FSDP2 root registers plain tensors the optimizer does not hold
         moments, kept = moments_from_optimizer(model, optimizer, params, missing)
         return cls._from_moments(model, moments, kept, mode, options)
 
@@ -246,6 +261,7 @@ class L2MPosterior:
                 :func:`l2m_fast.optim.moments_from_state_dict` for the default matching).
             mode, params, missing, **options: as in :meth:`from_optimizer`.
         """
+        reshard_fsdp(model)
         moments, kept = moments_from_state_dict(model, optimizer_state, optimizer, param_names, params, missing)
         return cls._from_moments(model, moments, kept, mode, options)
 
@@ -303,6 +319,8 @@ class L2MPosterior:
         """
         if dtype not in OUTPUT_DTYPES:
             raise TypeError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
+        if self.runs != ((0, 0, self.layout.numel),):
+            return SampleBatch(self._sample_runs(num_samples, seed, sample_offset, dtype, out), self.layout)
         flat = sample_diag_gaussian(
             self.theta,
             self.v,
@@ -317,6 +335,17 @@ class L2MPosterior:
             validate=False,
         )
         return SampleBatch(flat, self.layout)
+
+    def _sample_runs(
+        self, num_samples: int, seed: int, sample_offset: int, dtype: torch.dtype, out: Tensor | None
+    ) -> Tensor:
+        """A sharded posterior's samples: (S, P_local), one op call per run of global indices."""
+        n = self.layout.numel
+        if out is None:
+            out = torch.empty(num_samples, n, dtype=dtype, device=self.device)
+        elif out.dim() != 2 or tuple(out.shape) != (num_samples, n) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous ({num_samples}, {n}) tensor, got {tuple(out.shape)}")
+        return sample_runs(self, out, seed, sample_offset)
 
     def _live_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         named = dict(model.named_parameters())
@@ -340,7 +369,8 @@ class L2MPosterior:
         """Writes sample ``index`` of ``seed`` into the model's parameters in place; restores them on exit.
 
         The restore is bit-for-bit and happens on exceptions too. Parameters the posterior does not
-        cover are untouched.
+        cover are untouched. A sharded posterior (``is_sharded``) writes this rank's local shards
+        (FSDP2 modules resharded first); every rank must enter it (:mod:`l2m_fast.distributed`).
 
         Args:
             model: the model the posterior was built from.
@@ -350,6 +380,10 @@ class L2MPosterior:
         Yields:
             The model, holding the sample.
         """
+        if self.is_sharded:  # DTensor / FSDP2: write each rank's local shards (l2m_fast.distributed)
+            with sampled_sharded(self, model, index, seed):
+                yield model
+            return
         params = self._live_params(model)
         backup = {n: p.detach().clone() for n, p in params.items()}
         try:
@@ -382,6 +416,9 @@ class L2MPosterior:
             "param_dtypes": {n: str(d).removeprefix("torch.") for n, d in self.param_dtypes.items()},
             "groups": dict(self.groups),
             "coeffs": dict(self._coeffs),
+            "runs": [list(r) for r in self.runs],
+            "global_numel": self.global_numel,
+            "is_sharded": self.is_sharded,
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -404,6 +441,9 @@ class L2MPosterior:
         self.param_dtypes = {n: getattr(torch, d) for n, d in state["param_dtypes"].items()}  # type: ignore[union-attr]
         self.groups = dict(state["groups"])  # type: ignore[arg-type]
         self._coeffs = dict(state["coeffs"])  # type: ignore[arg-type]
+        self.runs = tuple(tuple(r) for r in state.get("runs", [(0, 0, layout.numel)]))  # type: ignore[union-attr]
+        self.global_numel = int(state.get("global_numel", layout.numel))  # type: ignore[arg-type]
+        self.is_sharded = bool(state.get("is_sharded", False))
         check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
 
     @classmethod
