@@ -2,7 +2,7 @@
 
 Run on the CPU with two processes (gloo on loopback)::
 
-    torchrun --nproc-per-node 2 examples/fsdp2_l2m.py
+    torchrun --nproc-per-node 2 -m l2m_fast.examples.fsdp2_l2m
 
 Each rank keeps only its shards of the weights and of Adam's ``exp_avg_sq``; the posterior samples
 them locally (no communication) with the global element indices, so the samples are exactly those one

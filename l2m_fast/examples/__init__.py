@@ -1,0 +1,1 @@
+"""Runnable examples (not imported by the library)."""
