@@ -94,15 +94,39 @@ if HAS_TRITON:
         return rad * c, rad * s
 
     @triton.jit
-    def _store_row(out_ptr, row, num_samples, n, j, mask, val):
-        ok = mask & (j * 0 + row >= 0) & (j * 0 + row < num_samples)
+    def _store_row(base, row, stride, num_samples, mask, val):
+        """Stores ``val`` at ``base + row * stride`` where ``0 <= row < num_samples`` (``row``: int64 block)."""
+        ok = mask & (row >= 0) & (row < num_samples)
         tl.store(
-            out_ptr + row * n + j,
-            val.to(out_ptr.dtype.element_ty),
+            base + row * stride,
+            val.to(base.dtype.element_ty),
             mask=ok,
             cache_modifier=".cs",
             eviction_policy="evict_first",
         )
+
+    @triton.jit
+    def _write_samples(base, stride, mask, theta, sigma, i, seed, sample_offset, num_samples, PRECISE: tl.constexpr):
+        """Rows ``0..S-1`` of ``base + row * stride`` for global element indices ``i`` (int64 block).
+
+        One Philox call per element per four samples: counter ``(i lo, i hi, s >> 2, 0)``.
+        """
+        c0 = i.to(tl.uint32)  # low word (truncation)
+        c1 = (i >> 32).to(tl.uint32)
+        zero = c0 * 0
+        key = seed.to(tl.int64)
+        s0 = sample_offset.to(tl.int64)
+        num_s = num_samples.to(tl.int64)
+        for q in range(s0 >> 2, (s0 + num_s + 3) >> 2):
+            qv = zero + q  # the quad index as a block (a Python int under the interpreter)
+            r0, r1, r2, r3 = tl.philox(key, c0, c1, qv.to(tl.uint32), zero)
+            z0, z1 = _box_muller(r0, r1, PRECISE)
+            z2, z3 = _box_muller(r2, r3, PRECISE)
+            row = qv.to(tl.int64) * 4 - s0
+            _store_row(base, row, stride, num_s, mask, theta + sigma * z0)
+            _store_row(base, row + 1, stride, num_s, mask, theta + sigma * z1)
+            _store_row(base, row + 2, stride, num_s, mask, theta + sigma * z2)
+            _store_row(base, row + 3, stride, num_s, mask, theta + sigma * z3)
 
     @triton.jit(do_not_specialize=["seed", "sample_offset", "element_offset"])
     def _sample_diag_gaussian_kernel(
@@ -133,27 +157,13 @@ if HAS_TRITON:
         sigma = tl.div_rn(1.0, tl.sqrt_rn(a * v + b))
 
         i = element_offset.to(tl.int64) + j
-        c0 = i.to(tl.uint32)  # low word (truncation)
-        c1 = (i >> 32).to(tl.uint32)
-        zero = c0 * 0
-        key = seed.to(tl.int64)
-        s0 = sample_offset.to(tl.int64)
-        num_s = num_samples.to(tl.int64)
-        for q in range(s0 >> 2, (s0 + num_s + 3) >> 2):
-            r0, r1, r2, r3 = tl.philox(key, c0, c1, (zero + q).to(tl.uint32), zero)
-            z0, z1 = _box_muller(r0, r1, PRECISE)
-            z2, z3 = _box_muller(r2, r3, PRECISE)
-            row = 4 * q - s0
-            _store_row(out_ptr, row, num_s, n, j, mask, theta + sigma * z0)
-            _store_row(out_ptr, row + 1, num_s, n, j, mask, theta + sigma * z1)
-            _store_row(out_ptr, row + 2, num_s, n, j, mask, theta + sigma * z2)
-            _store_row(out_ptr, row + 3, num_s, n, j, mask, theta + sigma * z3)
+        _write_samples(out_ptr + j, n, mask, theta, sigma, i, seed, sample_offset, num_samples, PRECISE)
 
-    _AUTOTUNE_CONFIGS = [
+    AUTOTUNE_CONFIGS = [
         triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8))
     ]
     # Autotuned per (P, S): in-place writes are idempotent, so re-running a config is harmless.
-    _sample_diag_gaussian_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["n_elements", "num_samples"])(
+    _sample_diag_gaussian_kernel_tuned = triton.autotune(configs=AUTOTUNE_CONFIGS, key=["n_elements", "num_samples"])(
         _sample_diag_gaussian_kernel
     )
 
