@@ -14,14 +14,12 @@ Two numeric modes (constexpr ``PRECISE``):
 * fast: ``tl.log``/``tl.cos``/``tl.sin``/``tl.sqrt`` (hardware approximations on NVIDIA:
   ``|z - z_ref| <= 2e-5`` for ``|z| <= 5.77``, the argument of the square root clamped at 0).
 
-Under ``TRITON_INTERPRET=1`` (CPU tests) libdevice is not available, so the launcher uses the
-fast path there, which the interpreter evaluates with numpy's correctly rounded functions, and
+When the kernels are built under ``TRITON_INTERPRET=1`` (CPU tests) libdevice is not available, so the launcher uses the
+fast path there, which the interpreter evaluates with numpy's float32 functions, and
 skips autotuning. This module imports without Triton: :data:`HAS_TRITON` says whether it is usable.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
@@ -49,8 +47,12 @@ _INTERPRET_BLOCK = 128
 
 
 def interpret_mode() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether this module's kernels were built for the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    if not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_sample_diag_gaussian_kernel, InterpretedFunction)
 
 
 def segment_steps(num_segments: int) -> int:
@@ -76,6 +78,16 @@ if HAS_TRITON:
             lo = tl.where(active & right, mid + 1, lo)
             hi = tl.where(active & (edge > j), mid, hi)
         return lo
+
+    @triton.jit
+    def _philox_quad(seed, i, q):
+        """Contract step 1: Philox4x32-10 words of global elements ``i`` (int64 block) for quad ``q = s >> 2``.
+
+        Key ``(seed lo, seed hi)`` (``tl.philox`` splits the 64-bit seed), counter ``(i lo, i hi, q, 0)``.
+        """
+        c0 = i.to(tl.uint32)  # low word (truncation)
+        c1 = (i >> 32).to(tl.uint32)
+        return tl.philox(seed.to(tl.int64), c0, c1, q.to(tl.uint32), c0 * 0)
 
     @triton.jit
     def _box_muller(r_a, r_b, PRECISE: tl.constexpr):
@@ -111,15 +123,12 @@ if HAS_TRITON:
 
         One Philox call per element per four samples: counter ``(i lo, i hi, s >> 2, 0)``.
         """
-        c0 = i.to(tl.uint32)  # low word (truncation)
-        c1 = (i >> 32).to(tl.uint32)
-        zero = c0 * 0
-        key = seed.to(tl.int64)
+        zero = (i * 0).to(tl.uint32)
         s0 = sample_offset.to(tl.int64)
         num_s = num_samples.to(tl.int64)
         for q in range(s0 >> 2, (s0 + num_s + 3) >> 2):
             qv = zero + q  # the quad index as a block (a Python int under the interpreter)
-            r0, r1, r2, r3 = tl.philox(key, c0, c1, qv.to(tl.uint32), zero)
+            r0, r1, r2, r3 = _philox_quad(seed, i, qv)
             z0, z1 = _box_muller(r0, r1, PRECISE)
             z2, z3 = _box_muller(r2, r3, PRECISE)
             row = qv.to(tl.int64) * 4 - s0
