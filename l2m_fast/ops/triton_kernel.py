@@ -7,16 +7,16 @@ element's segment by a branch-free binary search over ``bounds``, computes
 64-bit seed) and Box-Muller on the four words. All index arithmetic is 64-bit. Rows outside
 ``[0, S)`` (a ``sample_offset`` or ``S`` that is not a multiple of four) are masked off.
 
-Two numeric modes (constexpr ``PRECISE``):
+Three numeric modes (constexpr ``MATH``, launcher argument ``math_mode``):
 
-* precise (default on GPU): libdevice ``log``/``cos``/``sin`` and IEEE ``sqrt``; agrees with the
-  reference to a few float32 ulp;
-* fast: ``tl.log``/``tl.cos``/``tl.sin``/``tl.sqrt`` (hardware approximations on NVIDIA:
-  ``|z - z_ref| <= 2e-5`` for ``|z| <= 5.77``, the argument of the square root clamped at 0).
+* ``"precise"`` (default on GPU): libdevice ``log``/``cos``/``sin`` and IEEE ``sqrt``; agrees with
+  the reference to a few float32 ulp (``|z - z_ref| <= 2e-6``);
+* ``"fast"`` (NVIDIA only): libdevice ``log``, hardware ``sin.approx``/``cos.approx`` on an argument
+  kept in [-pi, pi) (``|z - z_ref| <= 2e-5``, stated and tested on GPU);
+* ``"portable"``: ``tl.log``/``tl.cos``/``tl.sin``, the only mode of the CPU interpreter
+  (``TRITON_INTERPRET=1``, where numpy evaluates them), which also skips autotuning.
 
-When the kernels are built under ``TRITON_INTERPRET=1`` (CPU tests) libdevice is not available, so the launcher uses the
-fast path there, which the interpreter evaluates with numpy's float32 functions, and
-skips autotuning. This module imports without Triton: :data:`HAS_TRITON` says whether it is usable.
+This module imports without Triton: :data:`HAS_TRITON` says whether it is usable.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "interpret_mode", "sample_diag_gaussian_triton", "segment_steps"]
+__all__ = [
+    "HAS_TRITON",
+    "MATH_MODES",
+    "TRITON_IMPORT_ERROR",
+    "interpret_mode",
+    "math_constexpr",
+    "sample_diag_gaussian_triton",
+    "segment_steps",
+]
 
 try:
     import triton
@@ -53,6 +61,21 @@ def interpret_mode() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_sample_diag_gaussian_kernel, InterpretedFunction)
+
+
+MATH_MODES = {"portable": 0, "precise": 1, "fast": 2}
+
+
+def math_constexpr(math_mode: str | None) -> int:
+    """The kernel's ``MATH`` constexpr for a mode name; None picks "precise", or "portable" when interpreted."""
+    interp = interpret_mode()
+    if math_mode is None:
+        math_mode = "portable" if interp or libdevice is None else "precise"
+    if math_mode not in MATH_MODES:
+        raise ValueError(f"math_mode must be one of {sorted(MATH_MODES)}, got {math_mode!r}")
+    if math_mode != "portable" and interp:
+        raise ValueError(f"math_mode {math_mode!r} needs a GPU: the Triton interpreter runs only 'portable'")
+    return MATH_MODES[math_mode]
 
 
 def segment_steps(num_segments: int) -> int:
@@ -87,20 +110,38 @@ if HAS_TRITON:
         """
         c0 = i.to(tl.uint32)  # low word (truncation)
         c1 = (i >> 32).to(tl.uint32)
-        return tl.philox(seed.to(tl.int64), c0, c1, q.to(tl.uint32), c0 * 0)
+        return tl.philox(tl.cast(seed, tl.int64), c0, c1, q.to(tl.uint32), c0 * 0)
 
     @triton.jit
-    def _box_muller(r_a, r_b, PRECISE: tl.constexpr):
-        """Two standard normals from two uint32 words, exactly as the contract's steps 2-3."""
+    def _sincos_approx(x):
+        """Hardware ``sin.approx``/``cos.approx`` (NVIDIA only): |error| <= 2^-20.9 on [-pi, pi]."""
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return s, c
+
+    @triton.jit
+    def _box_muller(r_a, r_b, MATH: tl.constexpr):
+        """Two standard normals from two uint32 words, exactly as the contract's steps 2-3.
+
+        ``MATH``: 0 portable ``tl.*`` functions (the interpreter), 1 libdevice (precise),
+        2 libdevice log with hardware sin/cos approximations (fast, NVIDIA only).
+        """
         ua = ((r_a >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24, in (0, 1]
         ub = (r_b >> 8).to(tl.float32) * 5.9604644775390625e-08  # [0, 1)
-        ang = ub * 6.283185307179586
-        if PRECISE:
+        if MATH == 1:
             rad = tl.sqrt_rn(-2.0 * libdevice.log(ua))
+            ang = ub * 6.283185307179586
             c = libdevice.cos(ang)
             s = libdevice.sin(ang)
+        elif MATH == 2:
+            rad = tl.sqrt_rn(-2.0 * libdevice.log(ua))
+            # cos/sin(2 pi ub) = -cos/-sin(2 pi (ub - 1/2)): keeps the argument in [-pi, pi)
+            s, c = _sincos_approx((ub - 0.5) * 6.283185307179586)
+            s = -s
+            c = -c
         else:
-            rad = tl.sqrt(tl.maximum(-2.0 * tl.log(ua), 0.0))
+            rad = tl.sqrt_rn(-2.0 * tl.log(ua))
+            ang = ub * 6.283185307179586
             c = tl.cos(ang)
             s = tl.sin(ang)
         return rad * c, rad * s
@@ -113,24 +154,23 @@ if HAS_TRITON:
             base + row * stride,
             val.to(base.dtype.element_ty),
             mask=ok,
-            cache_modifier=".cs",
-            eviction_policy="evict_first",
+            cache_modifier=".cs",  # streaming store (PTX st.global.cs; cannot be combined with evict_first)
         )
 
     @triton.jit
-    def _write_samples(base, stride, mask, theta, sigma, i, seed, sample_offset, num_samples, PRECISE: tl.constexpr):
+    def _write_samples(base, stride, mask, theta, sigma, i, seed, sample_offset, num_samples, MATH: tl.constexpr):
         """Rows ``0..S-1`` of ``base + row * stride`` for global element indices ``i`` (int64 block).
 
         One Philox call per element per four samples: counter ``(i lo, i hi, s >> 2, 0)``.
         """
         zero = (i * 0).to(tl.uint32)
-        s0 = sample_offset.to(tl.int64)
-        num_s = num_samples.to(tl.int64)
+        s0 = tl.cast(sample_offset, tl.int64)  # tl.cast: an int arg equal to 1 arrives as a constexpr
+        num_s = tl.cast(num_samples, tl.int64)
         for q in range(s0 >> 2, (s0 + num_s + 3) >> 2):
             qv = zero + q  # the quad index as a block (a Python int under the interpreter)
             r0, r1, r2, r3 = _philox_quad(seed, i, qv)
-            z0, z1 = _box_muller(r0, r1, PRECISE)
-            z2, z3 = _box_muller(r2, r3, PRECISE)
+            z0, z1 = _box_muller(r0, r1, MATH)
+            z2, z3 = _box_muller(r2, r3, MATH)
             row = qv.to(tl.int64) * 4 - s0
             _store_row(base, row, stride, num_s, mask, theta + sigma * z0)
             _store_row(base, row + 1, stride, num_s, mask, theta + sigma * z1)
@@ -153,9 +193,9 @@ if HAS_TRITON:
         element_offset,
         BLOCK: tl.constexpr,
         SEG_STEPS: tl.constexpr,
-        PRECISE: tl.constexpr,
+        MATH: tl.constexpr,
     ):
-        n = n_elements.to(tl.int64)
+        n = tl.cast(n_elements, tl.int64)
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < n
         theta = tl.load(theta_ptr + j, mask=mask, other=0.0, eviction_policy="evict_first")
@@ -165,8 +205,8 @@ if HAS_TRITON:
         b = tl.load(b_ptr + g, mask=mask, other=1.0)
         sigma = tl.div_rn(1.0, tl.sqrt_rn(a * v + b))
 
-        i = element_offset.to(tl.int64) + j
-        _write_samples(out_ptr + j, n, mask, theta, sigma, i, seed, sample_offset, num_samples, PRECISE)
+        i = tl.cast(element_offset, tl.int64) + j
+        _write_samples(out_ptr + j, n, mask, theta, sigma, i, seed, sample_offset, num_samples, MATH)
 
     AUTOTUNE_CONFIGS = [
         triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8))
@@ -187,7 +227,7 @@ def sample_diag_gaussian_triton(
     sample_offset: int,
     element_offset: int,
     out: Tensor,
-    precise: bool | None = None,
+    math_mode: str | None = None,
     block: int | None = None,
 ) -> None:
     """Launches the fused sampler once for all elements and samples (arguments as the op's).
@@ -205,8 +245,8 @@ def sample_diag_gaussian_triton(
         sample_offset: global index of the first sample.
         element_offset: global flat index of ``theta[0]``.
         out: (S, P) float32, bfloat16 or float16, contiguous; written in place.
-        precise: libdevice transcendentals (True) or hardware approximations (False). Default None:
-            precise, except under ``TRITON_INTERPRET`` where only the fast path exists.
+        math_mode: "precise", "fast" or "portable" (see the module doc). Default None: "precise",
+            or "portable" under the interpreter.
         block: fixed elements per program, bypassing autotuning. Default None: autotuned on GPU,
             128 under the interpreter.
     """
@@ -216,11 +256,9 @@ def sample_diag_gaussian_triton(
     if num_samples == 0 or n == 0:
         return
     interp = interpret_mode()
-    if precise is None:
-        precise = not interp and libdevice is not None
     g = a.shape[0]
     args = (theta, v, a, b, bounds, out, n, num_samples, g, seed, sample_offset, element_offset)
-    consts = {"SEG_STEPS": segment_steps(g), "PRECISE": bool(precise)}
+    consts = {"SEG_STEPS": segment_steps(g), "MATH": math_constexpr(math_mode)}
     if block is None and interp:
         block = _INTERPRET_BLOCK
     if block is None:

@@ -28,7 +28,7 @@ from .triton_kernel import (
     HAS_TRITON,
     TRITON_IMPORT_ERROR,
     interpret_mode,
-    libdevice,
+    math_constexpr,
     segment_steps,
 )
 
@@ -57,10 +57,10 @@ if HAS_TRITON:
         OUT_DTYPE: tl.constexpr,
         BLOCK: tl.constexpr,
         TAB_STEPS: tl.constexpr,
-        PRECISE: tl.constexpr,
+        MATH: tl.constexpr,
     ):
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = j < n_total.to(tl.int64)
+        mask = j < tl.cast(n_total, tl.int64)
         t = _find_segment(starts_ptr, j, num_tensors, TAB_STEPS)
         row = table_ptr + t * 5
         theta_addr = tl.load(row)
@@ -77,7 +77,7 @@ if HAS_TRITON:
         b = tl.load(b_ptr + group, mask=mask, other=1.0)
         sigma = tl.div_rn(1.0, tl.sqrt_rn(a * v + b))
         base = out_addr.to(tl.pointer_type(OUT_DTYPE)) + local
-        _write_samples(base, n_k, mask, theta, sigma, global_offset + local, seed, sample_offset, num_samples, PRECISE)
+        _write_samples(base, n_k, mask, theta, sigma, global_offset + local, seed, sample_offset, num_samples, MATH)
 
     _sample_into_segments_kernel_tuned = triton.autotune(configs=AUTOTUNE_CONFIGS, key=["n_total", "num_samples"])(
         _sample_into_segments_kernel
@@ -219,7 +219,7 @@ def sample_into_segments(
     sample_offset: int = 0,
     element_offsets: Sequence[int] | None = None,
     table: SegmentTable | None = None,
-    precise: bool | None = None,
+    math_mode: str | None = None,
     block: int | None = None,
 ) -> None:
     """Writes ``outs[k][s, e] = thetas[k][e] + z(seed, off_k + e, s0 + s) / sqrt(a_g v + b_g)`` in one launch.
@@ -237,7 +237,8 @@ def sample_into_segments(
         element_offsets: global flat index of element 0 of each tensor. Default None: running sum.
         table: a table from :func:`segment_table` for these very tensors (skips rebuilding it;
             ``groups`` and ``element_offsets`` are then taken from the table). Default None.
-        precise: libdevice transcendentals. Default None: precise except under ``TRITON_INTERPRET``.
+        math_mode: "precise", "fast" or "portable" (see :mod:`.triton_kernel`). Default None: "precise",
+            or "portable" under the interpreter.
         block: elements per program, bypassing autotuning. Default None.
     """
     if not HAS_TRITON:
@@ -248,8 +249,6 @@ def sample_into_segments(
         return
     a_t, b_t = _segment_params(a, b, table.table.device)
     interp = interpret_mode()
-    if precise is None:
-        precise = not interp and libdevice is not None
     if block is None and interp:
         block = _INTERPRET_BLOCK
     t = table.table.shape[0]
@@ -264,7 +263,11 @@ def sample_into_segments(
         _signed_seed(seed),
         sample_offset,
     )
-    consts = {"OUT_DTYPE": _TL_DTYPES[table.out_dtype], "TAB_STEPS": segment_steps(t), "PRECISE": bool(precise)}
+    consts = {
+        "OUT_DTYPE": _TL_DTYPES[table.out_dtype],
+        "TAB_STEPS": segment_steps(t),
+        "MATH": math_constexpr(math_mode),
+    }
     n = table.num_elements
     if block is None:
         _sample_into_segments_kernel_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](*args, **consts)
