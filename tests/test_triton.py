@@ -366,6 +366,39 @@ def test_segments_many_tensors_in_place() -> None:
         _assert_samples_close(o, r[0], 2.0, 1e-6)
 
 
+_SM90_VARIANTS = [
+    # (kernel, output pointer type, constexprs): S = 1 and G = 1 arrive as constexprs; bf16 + fast math; segments
+    ("flat", "*fp32", {"num_samples": 1, "num_segments": 1, "BLOCK": 1024, "SEG_STEPS": 0, "MATH": 1}),
+    ("flat", "*bf16", {"BLOCK": 512, "SEG_STEPS": 3, "MATH": 2}),
+    ("segments", None, {"OUT_DTYPE": tl.bfloat16, "BLOCK": 1024, "TAB_STEPS": 8, "MATH": 1}),
+]
+
+
+@parent_only
+@pytest.mark.parametrize(("which", "out_type", "consts"), _SM90_VARIANTS)
+def test_kernels_compile_for_sm90(which: str, out_type: str | None, consts: dict) -> None:
+    """The GPU code path compiles to PTX and through ptxas for sm_90 (H100/H200) without a GPU."""
+    if tk.interpret_mode():
+        pytest.skip("kernels were built for the interpreter")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        pytest.skip(f"this Triton lacks the ahead-of-time API: {exc}")
+    if which == "flat":
+        fn = tk._sample_diag_gaussian_kernel
+        types = ["*fp32"] * 4 + ["*i64", out_type, "i32", "i32", "i32", "i64", "i32", "i64"]
+    else:
+        fn = ts._sample_into_segments_kernel
+        types = ["*i64", "*i64", "*fp32", "*fp32", "i32", "i32", "i32", "i64", "i32"]
+    names = list(fn.arg_names)
+    sig = {n: ("constexpr" if n in consts or i >= len(types) else types[i]) for i, n in enumerate(names)}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    ptx = kernel.asm["ptx"]
+    assert "st.global.cs" in ptx  # streaming stores
+    assert ("sin.approx.f32" in ptx) == (consts["MATH"] == 2)
+
+
 @parent_only
 def test_segments_reject_bad_lists() -> None:
     thetas, vs, outs = _segment_inputs([(3,), (4,)], 2, torch.float32)
