@@ -36,6 +36,23 @@ _MAX_INDEX = (1 << 63) - 1
 _U64 = 1 << 64
 
 
+def _impl(
+    theta: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bounds: Tensor,
+    seed: int,
+    sample_offset: int,
+    element_offset: int,
+    out: Tensor,
+) -> None:
+    if out.device.type == "cuda" and HAS_TRITON:
+        sample_diag_gaussian_triton(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+    else:
+        sample_diag_gaussian_ref(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+
+
 @torch.library.triton_op("l2m_fast::sample_diag_gaussian_out", mutates_args=("out",))
 def sample_diag_gaussian_out(
     theta: Tensor,
@@ -63,17 +80,24 @@ def sample_diag_gaussian_out(
         element_offset: global flat index of ``theta[0]``.
         out: (S, P) float32, bfloat16 or float16, contiguous; written in place.
     """
-    if out.device.type == "cuda" and HAS_TRITON:
-        sample_diag_gaussian_triton(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
-    else:
-        sample_diag_gaussian_ref(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+    _impl(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
 
 
 # triton_op registers the implementation itself as the fake kernel; the op returns nothing, so the
 # fake kernel has nothing to compute (and must not trace the reference on fake CPU tensors).
 sample_diag_gaussian_out.register_fake(lambda *args, **kwargs: None)
 
-_triton_decomposition = sample_diag_gaussian_out._torch_dispatch_fns[FunctionalTensorMode]
+
+def _plain_decomposition(mode, op, types, args, kwargs):  # noqa: ANN001, ANN202
+    with mode:
+        return _impl(*args, **kwargs)
+
+
+# triton_op's own rule (it also honours torch.export's switch that keeps the op whole); a private
+# attribute, hence the fallback to the plain decomposition it performs.
+_triton_decomposition = getattr(sample_diag_gaussian_out, "_torch_dispatch_fns", {}).get(
+    FunctionalTensorMode, _plain_decomposition
+)
 
 
 def _out_arg(args: tuple, kwargs: dict) -> Tensor:
