@@ -2,5 +2,14 @@
 
 from .reference import sample_diag_gaussian_ref
 from .sample import OUTPUT_DTYPES, sample_diag_gaussian, sample_diag_gaussian_out
+from .triton_segments import sample_into_segments, sample_into_segments_ref, segment_table
 
-__all__ = ["sample_diag_gaussian", "sample_diag_gaussian_out", "sample_diag_gaussian_ref", "OUTPUT_DTYPES"]
+__all__ = [
+    "sample_diag_gaussian",
+    "sample_diag_gaussian_out",
+    "sample_diag_gaussian_ref",
+    "sample_into_segments",
+    "sample_into_segments_ref",
+    "segment_table",
+    "OUTPUT_DTYPES",
+]

@@ -1,9 +1,20 @@
 """The sampler as a registered operator, ``torch.ops.l2m_fast.sample_diag_gaussian_out``.
 
-One operator, dispatched by device through the PyTorch dispatcher: the pure-PyTorch reference is the
-default implementation on every device; faster kernels register themselves for their device
-(:mod:`l2m_fast.ops.cpu` for CPU). The public entry point :func:`sample_diag_gaussian` checks its
-arguments, allocates the output when none is given and calls the operator.
+One operator, dispatched by device through the PyTorch dispatcher. It is a
+:func:`torch.library.triton_op`: its implementation launches the fused Triton kernel
+(:mod:`l2m_fast.ops.triton_kernel`, through :func:`torch.library.wrap_triton`) on CUDA tensors and
+runs the pure-PyTorch reference on every other device. Faster kernels for other devices register
+themselves with ``sample_diag_gaussian_out.register_kernel(device)`` (:mod:`l2m_fast.ops.cpu` for
+CPU) and take precedence in eager mode.
+
+Under ``torch.compile`` (AOTAutograd's ``FunctionalTensorMode``) a ``triton_op`` is normally
+decomposed into its implementation so that Inductor sees the Triton kernel. We keep that for CUDA
+only: for any other device the op stays opaque (functionalized like any mutable custom op), so that
+at run time the dispatcher picks the registered device kernel (e.g. the C++ CPU kernel) instead of
+tracing the reference, and no Triton launch is ever attempted on a CPU tensor.
+
+The public entry point :func:`sample_diag_gaussian` checks its arguments, allocates the output when
+none is given and calls the operator.
 """
 
 from __future__ import annotations
@@ -12,8 +23,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .reference import sample_diag_gaussian_ref
+from .triton_kernel import HAS_TRITON, sample_diag_gaussian_triton
 
 __all__ = ["sample_diag_gaussian", "sample_diag_gaussian_out", "OUTPUT_DTYPES", "MAX_SAMPLES"]
 
@@ -23,7 +36,24 @@ _MAX_INDEX = (1 << 63) - 1
 _U64 = 1 << 64
 
 
-@torch.library.custom_op("l2m_fast::sample_diag_gaussian_out", mutates_args=("out",))
+def _impl(
+    theta: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bounds: Tensor,
+    seed: int,
+    sample_offset: int,
+    element_offset: int,
+    out: Tensor,
+) -> None:
+    if out.device.type == "cuda" and HAS_TRITON:
+        sample_diag_gaussian_triton(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+    else:
+        sample_diag_gaussian_ref(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+
+
+@torch.library.triton_op("l2m_fast::sample_diag_gaussian_out", mutates_args=("out",))
 def sample_diag_gaussian_out(
     theta: Tensor,
     v: Tensor,
@@ -50,12 +80,36 @@ def sample_diag_gaussian_out(
         element_offset: global flat index of ``theta[0]``.
         out: (S, P) float32, bfloat16 or float16, contiguous; written in place.
     """
-    sample_diag_gaussian_ref(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+    _impl(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
 
 
-@sample_diag_gaussian_out.register_fake
-def _(theta, v, a, b, bounds, seed, sample_offset, element_offset, out) -> None:  # noqa: ANN001
-    return None
+# triton_op registers the implementation itself as the fake kernel; the op returns nothing, so the
+# fake kernel has nothing to compute (and must not trace the reference on fake CPU tensors).
+sample_diag_gaussian_out.register_fake(lambda *args, **kwargs: None)
+
+
+def _plain_decomposition(mode, op, types, args, kwargs):  # noqa: ANN001, ANN202
+    with mode:
+        return _impl(*args, **kwargs)
+
+
+# triton_op's own rule (it also honours torch.export's switch that keeps the op whole); a private
+# attribute, hence the fallback to the plain decomposition it performs.
+_triton_decomposition = getattr(sample_diag_gaussian_out, "_torch_dispatch_fns", {}).get(
+    FunctionalTensorMode, _plain_decomposition
+)
+
+
+def _out_arg(args: tuple, kwargs: dict) -> Tensor:
+    return args[8] if len(args) > 8 else kwargs["out"]
+
+
+@sample_diag_gaussian_out.register_torch_dispatch(FunctionalTensorMode)
+def _(mode, op, types, args, kwargs):  # noqa: ANN001, ANN202
+    """Decompose into the Triton launch on CUDA only; elsewhere keep the op opaque (see module doc)."""
+    if _out_arg(args, kwargs).device.type == "cuda" and HAS_TRITON:
+        return _triton_decomposition(mode, op, types, args, kwargs)
+    return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
 def _as_segment_tensor(x: float | Sequence[float] | Tensor, name: str, device: torch.device) -> Tensor:
@@ -95,7 +149,7 @@ def check_values(v: Tensor, a: Tensor, b: Tensor, bounds: Tensor) -> None:
     """
     n = v.numel()
     bl = bounds.tolist()
-    if len(bl) != a.numel() + 1 or bl[0] != 0 or bl[-1] != n or any(x > y for x, y in zip(bl, bl[1:])):
+    if len(bl) != a.numel() + 1 or bl[0] != 0 or bl[-1] != n or any(x > y for x, y in zip(bl, bl[1:], strict=False)):
         raise ValueError(
             f"bounds must be non-decreasing, start at 0 and end at P={n} with one more entry than a "
             f"(G={a.numel()}); got {bl if len(bl) <= 8 else bl[:8] + ['...']}"
