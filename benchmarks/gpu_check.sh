@@ -18,8 +18,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available())" || status=1
 
 step "install (offline, editable)"
-# _version.py is git-ignored, so a copied working tree may lack it: the build reads the version from it.
-[ -f l2m_fast/_version.py ] || echo '__version__ = "0.1.0+gpucheck"' > l2m_fast/_version.py
 if ! timeout 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tail -5; then
   echo "pip install failed: using the working tree through PYTHONPATH instead"
 fi

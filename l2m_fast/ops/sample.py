@@ -149,7 +149,7 @@ def check_values(v: Tensor, a: Tensor, b: Tensor, bounds: Tensor) -> None:
     """
     n = v.numel()
     bl = bounds.tolist()
-    if len(bl) != a.numel() + 1 or bl[0] != 0 or bl[-1] != n or any(x > y for x, y in zip(bl, bl[1:], strict=False)):
+    if len(bl) != a.numel() + 1 or bl[0] != 0 or bl[-1] != n or any(x > y for x, y in zip(bl, bl[1:])):
         raise ValueError(
             f"bounds must be non-decreasing, start at 0 and end at P={n} with one more entry than a "
             f"(G={a.numel()}); got {bl if len(bl) <= 8 else bl[:8] + ['...']}"
