@@ -133,7 +133,10 @@ def run_regression(
                 b.update(cfg.samples)  # type: ignore[attr-defined]
             var = post.variance()
             runs[name] = MethodRun(
-                samples, train_s=map_s, posthoc_s=t_post.s, predict_s=t_pred.s,
+                samples,
+                train_s=map_s,
+                posthoc_s=t_post.s,
+                predict_s=t_pred.s,
                 diagnostics={"max_weight_var": float(var.max()), "median_weight_var": float(var.median())},
             )
         close(b)

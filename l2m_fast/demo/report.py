@@ -92,9 +92,7 @@ def draw_figure(res: RegressionResult, path: Path, order: Sequence[str] = FIGURE
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
         _panel(ax, res, name, ylim)
-    fig.suptitle(
-        "Toy regression y = x^3 + N(0, 3^2): mean (black), 1/2/3 sd of f(x) (red), x^3 (dashed)", fontsize=10
-    )
+    fig.suptitle("Toy regression y = x^3 + N(0, 3^2): mean (black), 1/2/3 sd of f(x) (red), x^3 (dashed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
