@@ -4,7 +4,8 @@ The target is the exact posterior of the network: Gaussian likelihood with the k
 ``sigma = 3`` and an isotropic Gaussian prior on every weight (``N(0, 1/prior_precision)``, as in
 hamiltorch's default ``tau = 1``). Leapfrog integration with a Metropolis correction; the step size
 is adapted during burn-in towards a target acceptance rate (a Robbins-Monro rule on log step size)
-and frozen afterwards, so the kept chain is a valid Markov chain. The chain starts at the MAP.
+and frozen afterwards (up to a random jitter per iteration), so the kept chain is a valid Markov
+chain. The chain starts at the MAP.
 Diagnostics: acceptance rate after burn-in and effective sample sizes (Geyer) of the network output
 at a few inputs and of the log posterior.
 """
@@ -42,6 +43,7 @@ def run_hmc(
     leapfrog_steps: int = 40,
     target_accept: float = 0.75,
     init_step: float = 1e-3,
+    step_jitter: float = 0.2,
     ess_inputs: tuple[float, ...] = (-5.0, 0.0, 5.0),
     progress: object | None = None,
 ) -> MethodRun:
@@ -57,6 +59,9 @@ def run_hmc(
         leapfrog_steps: leapfrog steps per iteration. Default 40.
         target_accept: acceptance rate the burn-in adapts the step size to. Default 0.75.
         init_step: initial step size. Default 1e-3.
+        step_jitter: each iteration's step is the adapted one times ``U(1 - jitter, 1 + jitter)``, which
+            keeps the chain from locking onto a trajectory length that is a period of the posterior
+            (Neal 2011, section 5.4.2.2). Default 0.2.
         ess_inputs: inputs whose output chain gets an ESS.
         progress: optional tqdm bar, advanced once per iteration.
 
@@ -89,7 +94,7 @@ def run_hmc(
     accepted = 0
     with Timer() as t_all:
         for it in range(total):
-            step = math.exp(log_step)
+            step = math.exp(log_step) * (1.0 + step_jitter * (2.0 * float(torch.rand((), generator=g)) - 1.0))
             mom = torch.randn(theta.shape, generator=g)
             h0 = -lp + 0.5 * float(mom @ mom)
             q, p, gq = theta.clone(), mom + 0.5 * step * grad, grad
