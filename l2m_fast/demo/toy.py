@@ -52,8 +52,8 @@ class ToyConfig:
     samples: int = 500
     hidden: int = 40
     ensemble_size: int = 5
-    hmc_samples: int = 2000
-    hmc_burn: int = 500
+    hmc_samples: int = 3000
+    hmc_burn: int = 1000
     seed: int = 0
 
 
