@@ -6,10 +6,9 @@ import pytest
 
 from l2m_fast.cli import main
 
-pytest.importorskip("matplotlib")
-
 
 def test_demo_l2m_and_dropout(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     out = tmp_path / "o"
     argv = ["demo", "--epochs", "50", "--samples", "20", "--out", str(out), "--methods", "l2m,mc_dropout"]
     assert main([*argv, "--no-progress"]) == 0
@@ -22,6 +21,7 @@ def test_demo_l2m_and_dropout(tmp_path, capsys):
 
 
 def test_demo_other_baselines_with_hmc_diagnostics(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     argv = ["demo", "--epochs", "20", "--samples", "8", "--out", str(tmp_path), "--no-progress"]
     argv += ["--methods", "rpf,ensemble,swag,hmc", "--ensemble-size", "2", "--hmc-samples", "16"]
     assert main(argv) == 0

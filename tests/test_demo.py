@@ -1,6 +1,8 @@
 """The demo's pieces: toy data, the L2M predictive, scoring, the paper-mode bound, figure and tables."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,3 +133,9 @@ def test_digits_splits():
     # the permuted images keep each image's pixel values, in another order
     torch.testing.assert_close(d["x_permuted"].sort(1).values, d["x_test"].sort(1).values)
     assert not torch.equal(d["x_permuted"], d["x_test"])
+
+
+def test_core_library_does_not_import_the_demo():
+    extras = "('l2m_fast.demo', 'l2m_fast.baselines', 'l2m_fast.cli')"
+    code = f"import sys, l2m_fast; sys.exit(any(m.startswith({extras}) for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
