@@ -1,0 +1,31 @@
+"""L2M on the demo's networks: the posterior from the optimizer, and its Monte-Carlo predictive."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..posterior import L2MPosterior
+
+__all__ = ["build_l2m", "_l2m_predict"]
+
+
+def build_l2m(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str, **options: float | int) -> L2MPosterior:
+    """``L2MPosterior.from_optimizer`` in ``mode`` (``"paper"`` or ``"explicit"`` with its options)."""
+    return L2MPosterior.from_optimizer(model, optimizer, mode=mode, **options)
+
+
+@torch.no_grad()
+def _l2m_predict(post: L2MPosterior, model: nn.Module, x: Tensor, num_samples: int, seed: int) -> Tensor:
+    """Network outputs under ``num_samples`` posterior samples: (B, ...) inputs -> (S, B, ...) outputs.
+
+    This is the one place the demo computes the L2M predictive. TODO: switch it to
+    ``post.predict(model, x, num_samples=num_samples, seed=seed)`` (one batched forward) when that
+    lands; until then it loops over ``post.sampled(model, i, seed)``, which writes sample ``i`` in
+    place and restores the MAP exactly.
+    """
+    outs = []
+    for i in range(num_samples):
+        with post.sampled(model, i, seed):
+            outs.append(model(x))
+    return torch.stack(outs)
