@@ -3,7 +3,7 @@
 Trains the demo's toy MLP (AdamW, lr 0.1, 5,000 full-batch epochs) for weight decay lambda in
 {0.01, 0.1, 1} and N in {20, 200} points, and prints, per mode: the largest weight variance over
 lambda, the fraction of weights whose v_hat exceeds the prior term, and the predictive sd of f at
-x = 0 (among the data) and x = 6 (outside). Run: ``PYTHONPATH=. python docs/paper_mode_scale.py``.
+x = 0 (among the data) and x = 6 (outside). Run: ``python benchmarks/paper_mode_scale.py``.
 """
 
 import torch

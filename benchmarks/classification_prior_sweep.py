@@ -2,7 +2,7 @@
 
 Prints, per prior precision: the fraction of weights whose ``fisher_scale * v_hat`` exceeds it, the
 median weight variance, and accuracy / NLL / ECE on the test images (50 samples).
-Run: ``PYTHONPATH=. python docs/classification_prior_sweep.py``.
+Run: ``python benchmarks/classification_prior_sweep.py``.
 """
 
 import torch
