@@ -3,4 +3,6 @@
 from .reference import sample_diag_gaussian_ref
 from .sample import OUTPUT_DTYPES, sample_diag_gaussian, sample_diag_gaussian_out
 
-__all__ = ["sample_diag_gaussian", "sample_diag_gaussian_out", "sample_diag_gaussian_ref", "OUTPUT_DTYPES"]
+from . import cpu  # noqa: E402  registers the CPU kernel (compiled code loads on first call)
+
+__all__ = ["cpu", "sample_diag_gaussian", "sample_diag_gaussian_out", "sample_diag_gaussian_ref", "OUTPUT_DTYPES"]
