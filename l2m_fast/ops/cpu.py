@@ -150,7 +150,15 @@ def _sample_diag_gaussian_out_cpu(
         ops.sample_diag_gaussian_out(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
 
 
+def _fake_sample(theta: Tensor, v: Tensor, a: Tensor, b: Tensor, bounds: Tensor, *args: object) -> None:
+    """Fake kernel of the C++ ops: no output, but mixed devices are an error as in the real kernel."""
+    out = next(t for t in args if isinstance(t, Tensor))
+    devices = {t.device for t in (theta, v, a, b, bounds, out)}
+    if len(devices) > 1:
+        raise RuntimeError(f"l2m_fast_cpu: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
 def _register_fakes() -> None:
     """Fake implementations of the C++ ops, for opcheck and torch.compile; registered after loading."""
     for name in ("sample_diag_gaussian_out", "sample_variant"):
-        torch.library.register_fake(f"l2m_fast_cpu::{name}")(lambda *args, **kwargs: None)
+        torch.library.register_fake(f"l2m_fast_cpu::{name}")(_fake_sample)
