@@ -1,0 +1,57 @@
+// Interface between the torch-facing op (sampler_op.cpp) and the ISA-specific kernels
+// (sampler_kernels.cpp). Plain C++ only: no torch header crosses into the kernels.
+#pragma once
+
+#include <cstdint>
+
+namespace l2m_fast_cpu {
+
+// Elements per vector block (the lanes of sampler_math.h); parallel splits are multiples of it.
+constexpr int kBlock = 16;
+
+enum OutKind : int { kOutFloat32 = 0, kOutBFloat16 = 1, kOutFloat16 = 2 };
+
+// What a kernel variant computes; everything but kFull is for finding the limiting part.
+enum Variant : int {
+  kFull = 0,          // the contract
+  kNoBoxMuller = 1,   // Philox and stores; z = the uniforms (no log, sqrt, sin, cos)
+  kNoPhilox = 2,      // Box-Muller and stores; words from a cheap counter hash (no Philox rounds)
+  kNoStores = 3,      // Philox and Box-Muller; one store per element block instead of S
+  kStoresOnly = 4,    // stores of theta + sigma * u with u from the counter (no Philox, no Box-Muller)
+  kNumVariants = 5,
+};
+
+enum Isa : int { kIsaAuto = -1, kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+
+struct SampleArgs {
+  const float* theta;       // (P,)
+  const float* v;           // (P,)
+  const float* a;           // (G,)
+  const float* b;           // (G,)
+  const int64_t* bounds;    // (G + 1,), checked: bounds[0] = 0, non-decreasing, bounds[G] = P
+  int64_t num_segments;     // G >= 1
+  int64_t num_samples;      // S
+  int64_t num_elements;     // P
+  uint64_t sample_offset;   // s0, with s0 + S <= 2^32
+  uint64_t element_offset;  // i0, with i0 + P <= 2^63 - 1
+  uint32_t key0, key1;      // Philox key from the seed
+  void* out;                // (S, P), element type given by out_kind
+  int out_kind;
+};
+
+// Writes out[:, j_begin:j_end] (local element indices, 0 <= j_begin <= j_end <= P).
+using RangeFn = void (*)(const SampleArgs&, int64_t j_begin, int64_t j_end);
+
+// Best ISA this CPU supports (kIsaBase, kIsaAvx2 or kIsaAvx512).
+int best_isa();
+const char* isa_name(int isa);
+
+// The kernel for an ISA (kIsaAuto: the best one), output kind and variant; nullptr if the
+// combination does not exist (variants other than kFull exist for float32 output only) or the CPU
+// lacks the ISA.
+RangeFn range_kernel(int isa, int out_kind, int variant);
+
+// Philox4x32-10 words of n counters: counters and words are (n, 4) uint32 row-major.
+void philox_words(int isa, const uint32_t* counters, uint32_t* words, int64_t n, uint32_t key0, uint32_t key1);
+
+}  // namespace l2m_fast_cpu

@@ -1,0 +1,164 @@
+"""The fused C++ CPU kernel of ``l2m_fast::sample_diag_gaussian_out``: loading and registration.
+
+Importing this module only registers a CPU kernel on the op (cheap). The compiled code is loaded on
+the first call (or on :func:`backend`), in this order:
+
+1. ``compiled``: the extension ``l2m_fast._C`` built by ``setup.py`` at install time;
+2. ``jit``: the sources in ``csrc/`` compiled with ninja by ``torch.utils.cpp_extension.load`` and
+   cached (in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``);
+3. ``reference``: the pure-PyTorch reference, with one warning saying why and how to fix it.
+
+``L2M_FAST_FORCE_REFERENCE=1`` forces the reference (no warning).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from .reference import sample_diag_gaussian_ref
+from .sample import sample_diag_gaussian_out
+
+__all__ = ["backend", "backend_detail", "load_ops"]
+
+_ENV_FORCE_REFERENCE = "L2M_FAST_FORCE_REFERENCE"
+_JIT_NAME = "l2m_fast_cpu_jit"
+_SOURCES = ("sampler_op.cpp", "sampler_kernels.cpp")
+# Keep in step with setup.py. -ffp-contract=off: every ISA path gives the same bits.
+_CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
+
+_lock = threading.Lock()
+_state: SimpleNamespace | None = None  # kind: "compiled" | "jit" | "reference"; detail: why; ops
+
+
+def _source_dir() -> Path | None:
+    """Where the C++ sources are: shipped in the package (``_csrc``) or the source tree (``csrc``)."""
+    here = Path(__file__).resolve().parent
+    for d in (here.parent / "_csrc", here.parents[1] / "csrc"):
+        if all((d / f).is_file() for f in _SOURCES):
+            return d
+    return None
+
+
+def _try_compiled() -> str | None:
+    """Imports ``l2m_fast._C``; returns None on success, else why it failed."""
+    try:
+        importlib.import_module("l2m_fast._C")
+    except Exception as e:  # ImportError, or an undefined symbol from a torch of another version
+        return f"l2m_fast._C not importable ({type(e).__name__}: {e})"
+    if not hasattr(torch.ops.l2m_fast_cpu, "sample_diag_gaussian_out"):
+        return "l2m_fast._C loaded but registered no l2m_fast_cpu operators"
+    return None
+
+
+def _try_jit() -> str | None:
+    """Compiles ``csrc/`` with ninja (cached); returns None on success, else why it failed."""
+    src = _source_dir()
+    if src is None:
+        return "the C++ sources (csrc/ or l2m_fast/_csrc/) were not found"
+    try:
+        from torch.utils.cpp_extension import load, verify_ninja_availability
+
+        verify_ninja_availability()
+        openmp = ["-fopenmp"] if torch._C.has_openmp else []
+        load(
+            name=_JIT_NAME,
+            sources=[str(src / f) for f in _SOURCES],
+            extra_cflags=_CFLAGS + openmp,
+            extra_ldflags=openmp,
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a compile error
+        return f"JIT compilation failed ({type(e).__name__}: {str(e).strip()[-500:]})"
+    if not hasattr(torch.ops.l2m_fast_cpu, "sample_diag_gaussian_out"):
+        return "JIT module loaded but registered no l2m_fast_cpu operators"
+    return None
+
+
+def _load() -> SimpleNamespace:
+    if os.environ.get(_ENV_FORCE_REFERENCE, "") not in ("", "0"):
+        return SimpleNamespace(kind="reference", detail=f"{_ENV_FORCE_REFERENCE} is set", ops=None)
+    why_compiled = _try_compiled()
+    if why_compiled is None:
+        _register_fakes()
+        return SimpleNamespace(kind="compiled", detail="l2m_fast._C built at install", ops=torch.ops.l2m_fast_cpu)
+    why_jit = _try_jit()
+    if why_jit is None:
+        _register_fakes()
+        detail = f"JIT-compiled from csrc/ with ninja because {why_compiled}"
+        return SimpleNamespace(kind="jit", detail=detail, ops=torch.ops.l2m_fast_cpu)
+    detail = f"{why_compiled}; {why_jit}"
+    warnings.warn(
+        f"l2m_fast: the fused CPU sampler is unavailable, using the slow PyTorch reference. Why: {detail}. "
+        "Fix: reinstall with torch present at build time (pip install --no-build-isolation -e .), or install "
+        "ninja and a C++17 compiler (g++) for the JIT build; set L2M_FAST_FORCE_REFERENCE=1 to silence this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return SimpleNamespace(kind="reference", detail=detail, ops=None)
+
+
+def _get() -> SimpleNamespace:
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _load()
+    return _state
+
+
+def backend() -> str:
+    """Which CPU implementation runs: ``"compiled"``, ``"jit"`` or ``"reference"`` (loads it if needed)."""
+    return _get().kind
+
+
+def backend_detail() -> str:
+    """Why :func:`backend` is what it is (the load errors when it is ``"reference"``)."""
+    return _get().detail
+
+
+def load_ops() -> object | None:
+    """``torch.ops.l2m_fast_cpu`` once the compiled kernel is loaded; None when the reference runs."""
+    return _get().ops
+
+
+@sample_diag_gaussian_out.register_kernel("cpu")
+def _sample_diag_gaussian_out_cpu(
+    theta: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bounds: Tensor,
+    seed: int,
+    sample_offset: int,
+    element_offset: int,
+    out: Tensor,
+) -> None:
+    """CPU kernel of the op: the fused C++ sampler (shapes as in ``sample_diag_gaussian_out``)."""
+    ops = _get().ops
+    if ops is None:
+        sample_diag_gaussian_ref(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+    else:
+        ops.sample_diag_gaussian_out(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+
+
+def _fake_sample(theta: Tensor, v: Tensor, a: Tensor, b: Tensor, bounds: Tensor, *args: object) -> None:
+    """Fake kernel of the C++ ops: no output, but mixed devices are an error as in the real kernel."""
+    out = next(t for t in args if isinstance(t, Tensor))
+    devices = {t.device for t in (theta, v, a, b, bounds, out)}
+    if len(devices) > 1:
+        raise RuntimeError(f"l2m_fast_cpu: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _register_fakes() -> None:
+    """Fake implementations of the C++ ops, for opcheck and torch.compile; registered after loading."""
+    for name in ("sample_diag_gaussian_out", "sample_variant"):
+        torch.library.register_fake(f"l2m_fast_cpu::{name}")(_fake_sample)

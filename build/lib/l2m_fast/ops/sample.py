@@ -1,0 +1,225 @@
+"""The sampler as a registered operator, ``torch.ops.l2m_fast.sample_diag_gaussian_out``.
+
+One operator, dispatched by device through the PyTorch dispatcher: the pure-PyTorch reference is the
+default implementation on every device; faster kernels register themselves for their device
+(:mod:`l2m_fast.ops.cpu` for CPU). The public entry point :func:`sample_diag_gaussian` checks its
+arguments, allocates the output when none is given and calls the operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .reference import sample_diag_gaussian_ref
+
+__all__ = ["sample_diag_gaussian", "sample_diag_gaussian_out", "OUTPUT_DTYPES", "MAX_SAMPLES"]
+
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_SAMPLES = 1 << 32  # sample indices are 32-bit (counter word 2 holds s >> 2)
+_MAX_INDEX = (1 << 63) - 1
+_U64 = 1 << 64
+
+
+@torch.library.custom_op("l2m_fast::sample_diag_gaussian_out", mutates_args=("out",))
+def sample_diag_gaussian_out(
+    theta: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bounds: Tensor,
+    seed: int,
+    sample_offset: int,
+    element_offset: int,
+    out: Tensor,
+) -> None:
+    """Writes S samples of a diagonal Gaussian with precision ``a_g * v + b_g`` into ``out``.
+
+    The raw operator: arguments are trusted to be checked (see :func:`sample_diag_gaussian`).
+
+    Args:
+        theta: (P,) float32, contiguous.
+        v: (P,) float32, contiguous.
+        a: (G,) float32.
+        b: (G,) float32.
+        bounds: (G + 1,) int64, segment boundaries over the P local elements.
+        seed: the 64-bit seed as a signed int64 (bit pattern).
+        sample_offset: global index of the first sample.
+        element_offset: global flat index of ``theta[0]``.
+        out: (S, P) float32, bfloat16 or float16, contiguous; written in place.
+    """
+    sample_diag_gaussian_ref(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
+
+
+@sample_diag_gaussian_out.register_fake
+def _(theta, v, a, b, bounds, seed, sample_offset, element_offset, out) -> None:  # noqa: ANN001
+    return None
+
+
+def _as_segment_tensor(x: float | Sequence[float] | Tensor, name: str, device: torch.device) -> Tensor:
+    t = torch.as_tensor(x, dtype=torch.float32, device=device).reshape(-1)
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: give one value per segment (or a single float)")
+    return t.contiguous()
+
+
+def _check_float32_vector(t: Tensor, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}: pass {name}.float()")
+    return t.reshape(-1).contiguous()
+
+
+def _signed_seed(seed: int) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < _U64:
+        raise ValueError(f"seed must lie in [0, 2^64), got {seed}")
+    return seed - _U64 if seed >= 1 << 63 else seed
+
+
+def check_values(v: Tensor, a: Tensor, b: Tensor, bounds: Tensor) -> None:
+    """Checks the values the sampler trusts: finite non-negative ``v``, a positive precision everywhere.
+
+    Args:
+        v: (P,) float32.
+        a: (G,) float32.
+        b: (G,) float32.
+        bounds: (G + 1,) int64.
+
+    Raises:
+        ValueError: naming the first offending element or segment.
+    """
+    n = v.numel()
+    bl = bounds.tolist()
+    if len(bl) != a.numel() + 1 or bl[0] != 0 or bl[-1] != n or any(x > y for x, y in zip(bl, bl[1:])):
+        raise ValueError(
+            f"bounds must be non-decreasing, start at 0 and end at P={n} with one more entry than a "
+            f"(G={a.numel()}); got {bl if len(bl) <= 8 else bl[:8] + ['...']}"
+        )
+    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+        raise ValueError("a and b must be finite")
+    if bool((a < 0).any()):
+        raise ValueError(f"a must be non-negative, got {a.tolist()[:8]}")
+    bad = ~torch.isfinite(v)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"v has a non-finite value at element {j} ({float(v[j])}): second moments must be finite")
+    neg = v < 0
+    if bool(neg.any()):
+        j = int(neg.nonzero()[0, 0])
+        raise ValueError(f"v has a negative value at element {j} ({float(v[j])}): second moments must be >= 0")
+    if bool((b <= 0).any()):
+        seg = torch.searchsorted(bounds[1:].contiguous(), torch.arange(n, device=v.device), right=True)
+        prec = a[seg] * v + b[seg]
+        nonpos = ~(prec > 0)
+        if bool(nonpos.any()):
+            j = int(nonpos.nonzero()[0, 0])
+            raise ValueError(
+                f"precision a*v + b is not positive at element {j} (segment {int(seg[j])}): "
+                "give a positive prior precision b"
+            )
+
+
+def sample_diag_gaussian(
+    theta: Tensor,
+    v: Tensor,
+    num_samples: int | None = None,
+    *,
+    a: float | Sequence[float] | Tensor = 1.0,
+    b: float | Sequence[float] | Tensor = 0.0,
+    bounds: Sequence[int] | Tensor | None = None,
+    seed: int = 0,
+    sample_offset: int = 0,
+    element_offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    out: Tensor | None = None,
+    validate: bool = True,
+) -> Tensor:
+    """Draws ``out[s, j] = theta_j + z(seed, element_offset + j, sample_offset + s) / sqrt(a_g v_j + b_g)``.
+
+    The generic fused sampler of DESIGN section 3: any diagonal Gaussian whose precision is
+    ``a * v + b`` per segment of elements. Samples depend only on ``(seed, global index, sample
+    index)``, so chunks of samples or of elements drawn separately agree with one draw of the whole.
+
+    Args:
+        theta: (P,) float32 mean; other shapes are flattened, non-contiguous input is copied.
+        v: (P,) float32 second moment, same number of elements as ``theta``.
+        num_samples: S. May be omitted when ``out`` is given.
+        a: per-segment scale of ``v`` in the precision: a float or (G,) values. Default 1.0.
+        b: per-segment additive precision: a float or (G,) values. Default 0.0.
+        bounds: (G + 1,) segment boundaries over the local elements, ``bounds[0] == 0`` and
+            ``bounds[G] == P``. Default ``[0, P]`` (one segment).
+        seed: 64-bit seed in [0, 2^64). Default 0.
+        sample_offset: global index of the first sample drawn. Default 0.
+        element_offset: global flat index of ``theta[0]`` (for shards and subsets). Default 0.
+        dtype: output dtype, float32, bfloat16 or float16, when ``out`` is None. Default float32.
+        out: optional (S, P) contiguous buffer to write into (its dtype is used).
+        validate: check the values of ``v``, ``a``, ``b`` and ``bounds`` (one extra read of ``v``);
+            callers that checked them once, like :class:`~l2m_fast.L2MPosterior`, pass False.
+
+    Returns:
+        out: (S, P) samples.
+    """
+    theta = _check_float32_vector(theta, "theta")
+    v = _check_float32_vector(v, "v")
+    n = theta.numel()
+    if v.numel() != n:
+        raise ValueError(f"theta and v must have the same number of elements, got {n} and {v.numel()}")
+    if v.device != theta.device:
+        raise ValueError(f"theta is on {theta.device} but v on {v.device}: put them on one device")
+    device = theta.device
+    a_t = _as_segment_tensor(a, "a", device)
+    b_t = _as_segment_tensor(b, "b", device)
+    if bounds is None:
+        if a_t.numel() != 1 or b_t.numel() != 1:
+            raise ValueError("several segments in a or b need bounds: pass bounds=[0, ..., P]")
+        bounds_t = torch.tensor([0, n], dtype=torch.int64, device=device)
+    else:
+        bounds_t = torch.as_tensor(bounds, dtype=torch.int64, device=device).reshape(-1).contiguous()
+    g = max(a_t.numel(), b_t.numel())
+    if a_t.numel() == 1 and g > 1:
+        a_t = a_t.expand(g).contiguous()
+    if b_t.numel() == 1 and g > 1:
+        b_t = b_t.expand(g).contiguous()
+    if a_t.numel() != b_t.numel():
+        raise ValueError(f"a and b must give one value per segment, got {a_t.numel()} and {b_t.numel()}")
+    if bounds_t.numel() != g + 1:
+        raise ValueError(f"bounds must have G + 1 = {g + 1} entries for G={g} segments, got {bounds_t.numel()}")
+    signed_seed = _signed_seed(seed)
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be a non-negative int, got {sample_offset!r}")
+    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
+        raise ValueError(f"element_offset must be a non-negative int, got {element_offset!r}")
+    if element_offset + n > _MAX_INDEX:
+        raise ValueError(f"element_offset + P = {element_offset + n} overflows the 63-bit element index")
+    if out is None:
+        if num_samples is None:
+            raise ValueError("give num_samples or an out buffer")
+        if dtype not in OUTPUT_DTYPES:
+            raise TypeError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        out = torch.empty(num_samples, n, dtype=dtype, device=device)
+    else:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dim() != 2 or out.shape[1] != n or (num_samples is not None and out.shape[0] != num_samples):
+            want = f"({num_samples if num_samples is not None else 'S'}, {n})"
+            raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
+        if out.dtype not in OUTPUT_DTYPES:
+            raise TypeError(f"out must be one of {OUTPUT_DTYPES}, got {out.dtype}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous: pass a fresh buffer or write into a contiguous one and copy")
+        if out.device != device:
+            raise ValueError(f"out is on {out.device} but theta on {device}")
+    s = out.shape[0]
+    if sample_offset + s > MAX_SAMPLES:
+        raise ValueError(f"sample_offset + S = {sample_offset + s} exceeds the 2^32 sample indices of the contract")
+    if validate:
+        check_values(v, a_t, b_t, bounds_t)
+    sample_diag_gaussian_out(theta, v, a_t, b_t, bounds_t, signed_seed, sample_offset, element_offset, out)
+    return out
