@@ -266,13 +266,16 @@ _COMPILE_SCRIPT = textwrap.dedent(
         assert want in code, (dev, code)
         assert ("triton_kernel_wrapper" in code) == (dev == "cuda"), (dev, code)
 
-    # 2. torch.compile on CPU: the reference without a CPU kernel, the CPU kernel once registered.
+    # 2. torch.compile on CPU runs the CPU implementation eager mode runs (the C++ kernel once
+    #    l2m_fast.ops.cpu registered it, else the reference), and a kernel registered later replaces it.
     theta, v = torch.randn(P), torch.rand(P)
     a, b, bounds = torch.ones(1), torch.full((1,), 0.5), torch.tensor([0, P])
+    eager = f(theta, v, a, b, bounds, torch.empty(5, P))
     ref = torch.empty(5, P)
     sample_diag_gaussian_ref(theta, v, a, b, bounds, 3, 1, 2, ref)
+    torch.testing.assert_close(eager, ref, rtol=1e-5, atol=1e-5)
     g = lambda th, vv: f(th, vv, a, b, bounds, torch.empty(5, P)) * 2
-    assert torch.equal(torch.compile(g, backend="aot_eager", fullgraph=True)(theta, v), ref * 2)
+    assert torch.equal(torch.compile(g, backend="aot_eager", fullgraph=True)(theta, v), eager * 2)
     calls = []
     @sample_diag_gaussian_out.register_kernel("cpu")
     def _(theta, v, a, b, bounds, seed, sample_offset, element_offset, out):
