@@ -18,6 +18,7 @@ see the bound sample; ordinary ``nn.Module`` forwards read the parameter and do.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -232,7 +233,5 @@ class SampleIterator:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown there may be nothing to restore into
             self.close()
-        except Exception:  # noqa: S110  interpreter shutdown: nothing left to restore into
-            pass

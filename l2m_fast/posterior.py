@@ -22,6 +22,7 @@ from .optim import ParamFilter, ParamMoment, moments_from_optimizer, moments_fro
 
 if TYPE_CHECKING:
     from .inplace import SampleIterator
+    from .predictive import ClassificationPrediction, RegressionPrediction
 
 __all__ = ["L2MPosterior", "SampleBatch"]
 
@@ -380,7 +381,9 @@ class L2MPosterior:
 
         return SampleIterator(self, model, num_samples, seed, sample_offset)
 
-    def predict(self, model: nn.Module, inputs: object, num_samples: int, seed: int = 0, **kwargs: object):  # noqa: ANN201
+    def predict(
+        self, model: nn.Module, inputs: object, num_samples: int, seed: int = 0, **kwargs: object
+    ) -> RegressionPrediction | ClassificationPrediction:
         """The Monte-Carlo posterior predictive; see :func:`l2m_fast.predictive.predict` for every option.
 
         Returns:
