@@ -16,7 +16,7 @@ probabilities and entropies), so memory does not grow with S unless ``keep_sampl
 1. *loop* when vmap cannot be right or cannot run: a module in training mode that mutates state or
    draws random numbers (batch norm updating running statistics, dropout); and, as a safety net, when
    the first vmapped chunk raises (an op vmap cannot batch): a ``RuntimeWarning`` says so and the loop
-   takes over. A result is never silently wrong.
+   takes over (remembered for that model and input shapes). A result is never silently wrong.
 2. *loop* when one sample's forward already costs at least :data:`LOOP_MIN_FLOPS` floating-point
    operations (counted by ``torch.utils.flop_counter`` on one forward at the MAP): its matrix products
    are large enough to keep the CPU busy, and batching them only turns ``mm`` into slower ``bmm`` over
@@ -26,6 +26,8 @@ probabilities and entropies), so memory does not grow with S unless ``keep_sampl
    inputs) is dominated by per-call overhead, which one batched forward pays once per chunk.
 
 ``method="vmap"`` or ``"loop"`` overrides the rule (``"vmap"`` then raises rather than falls back).
+The plan (method, chunk size) is cached per model, input shapes, train/eval modes and arguments, so
+repeated calls skip the probe forward.
 
 **Chunk size**: ``chunk_size`` when given, else the largest that keeps the chunk's working set under
 ``max_memory`` bytes. The working set per sample is estimated from one probe forward at the MAP: the
@@ -37,6 +39,7 @@ times the output (float64 reductions). Kept samples (``keep_samples=True``) are 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -187,6 +190,15 @@ def _vmap_blocker(model: nn.Module) -> str | None:
     return None
 
 
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, PredictPlan]] = weakref.WeakKeyDictionary()
+
+
+def _plan_key(posterior: L2MPosterior, model: nn.Module, args: tuple[Any, ...], *rest: Any) -> tuple:
+    leaves = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t) for t in tree_leaves(args))
+    modes = tuple(m.training for m in model.modules())
+    return (posterior.layout, tuple(posterior.param_dtypes.values()), leaves, modes, *rest)
+
+
 def plan_predict(
     posterior: L2MPosterior,
     model: nn.Module,
@@ -215,9 +227,31 @@ def plan_predict(
             return PredictPlan("loop", min(chunk_size, s), blocker, 0, 0)
     else:
         blocker = None
+    args = _as_args(inputs)
+    key = _plan_key(posterior, model, args, num_samples, method, chunk_size, max_memory, output_fn)
+    cached = _PLANS.get(model, {}).get(key)
+    if cached is not None:
+        return cached
+    plan = _probe_plan(posterior, model, args, s, row_bytes, method, chunk_size, max_memory, output_fn, blocker)
+    _PLANS.setdefault(model, {})[key] = plan
+    return plan
+
+
+def _probe_plan(
+    posterior: L2MPosterior,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    s: int,
+    row_bytes: int,
+    method: str,
+    chunk_size: int | None,
+    max_memory: int,
+    output_fn: OutputFn | None,
+    blocker: str | None,
+) -> PredictPlan:
+    """One forward at the MAP under a flop counter and an output-bytes counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    args = _as_args(inputs)
     counter = _OutputBytes()
     flops = FlopCounterMode(display=False)
     with torch.no_grad(), flops, counter:
@@ -502,6 +536,10 @@ def predict(
                             stacklevel=2,
                         )
                         run_method = "loop"
+                        key = _plan_key(posterior, model, args, num_samples, method, chunk_size, max_memory, output_fn)
+                        _PLANS.setdefault(model, {})[key] = PredictPlan(
+                            "loop", chunk, f"vmap failed: {type(err).__name__}", plan.flops_per_sample, 0
+                        )
                         out = _loop_chunk(binding, views, args, model, output_fn)
                 else:
                     out = _loop_chunk(binding, views, args, model, output_fn)
