@@ -17,13 +17,15 @@ probabilities and entropies), so memory does not grow with S unless ``keep_sampl
    draws random numbers (batch norm updating running statistics, dropout); and, as a safety net, when
    the first vmapped chunk raises (an op vmap cannot batch): a ``RuntimeWarning`` says so and the loop
    takes over (remembered for that model and input shapes). A result is never silently wrong.
-2. *loop* when one sample's forward already costs at least :data:`LOOP_MIN_FLOPS` floating-point
-   operations (counted by ``torch.utils.flop_counter`` on one forward at the MAP): its matrix products
-   are large enough to keep the CPU busy, and batching them only turns ``mm`` into slower ``bmm`` over
-   per-sample weights and multiplies the working set by the chunk (measured on a 2-core CPU: a
-   784-512-512-10 MLP at batch 256, 2.7e8 flops per sample, runs faster as a loop).
-3. *vmap* otherwise: small per-sample work (the paper's 1-40-40-1 MLP, 6.7e5 flops per sample at 200
-   inputs) is dominated by per-call overhead, which one batched forward pays once per chunk.
+2. Otherwise *measured*: which is faster depends on the model, the batch and the machine, and we
+   measured both ways (on a 2-core CPU a 784-512-512-10 MLP at batch 256 ran faster vmapped in chunks
+   of 32 than in a loop, where an earlier measurement with chunks of 25 had found the opposite). So the
+   first chunk is evaluated with vmap and the next few samples (a quarter of a chunk, at least 2) in a
+   loop, each timed per sample; the faster method evaluates the rest, and the choice is cached for the
+   model, input shapes and arguments, so later calls do not measure again. Every sample is used, so
+   the trial costs nothing beyond the slower method's share of it.
+3. When all S samples fit in one chunk there is nothing left to compare on: *vmap* (one batched
+   forward), unless a cached measurement chose the loop.
 
 ``method="vmap"`` or ``"loop"`` overrides the rule (``"vmap"`` then raises rather than falls back).
 The plan (method, chunk size) is cached per model, input shapes, train/eval modes and arguments, so
@@ -38,10 +40,11 @@ times the output (float64 reductions). Kept samples (``keep_samples=True``) are 
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -62,14 +65,10 @@ __all__ = [
     "plan_predict",
     "predict",
     "DEFAULT_MAX_MEMORY",
-    "LOOP_MIN_FLOPS",
 ]
 
 DEFAULT_MAX_MEMORY = 256 << 20
 """Default memory budget of one chunk, in bytes (256 MiB)."""
-
-LOOP_MIN_FLOPS = 1 << 24
-"""Per-sample forward flops at and above which ``method="auto"`` evaluates samples in a loop."""
 
 Task = Literal["regression", "classification"]
 Method = Literal["auto", "vmap", "loop"]
@@ -138,7 +137,7 @@ class PredictPlan:
         method: ``"vmap"`` or ``"loop"``.
         chunk_size: samples per chunk.
         reason: why this method.
-        flops_per_sample: flops of one forward (0 when not probed).
+        flops_per_sample: flops of one forward (0 when not probed; for information).
         bytes_per_sample: estimated working set of one sample in a chunk.
     """
 
@@ -147,6 +146,7 @@ class PredictPlan:
     reason: str
     flops_per_sample: int
     bytes_per_sample: int
+    measured: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- probing
@@ -263,10 +263,8 @@ def _probe_plan(
         chosen, reason = "loop", blocker
     elif method != "auto":
         chosen, reason = method, "chosen by the caller"
-    elif nflops >= LOOP_MIN_FLOPS:
-        chosen, reason = "loop", f"{nflops:.3g} flops per sample >= LOOP_MIN_FLOPS ({LOOP_MIN_FLOPS:.3g})"
     else:
-        chosen, reason = "vmap", f"{nflops:.3g} flops per sample < LOOP_MIN_FLOPS ({LOOP_MIN_FLOPS:.3g})"
+        chosen, reason = "vmap", "not measured yet: predict times vmap against a loop on its first chunks"
     per_sample = row_bytes
     if chosen == "vmap":
         per_sample += counter.total + _nbytes(args) + 4 * _nbytes(out)
@@ -505,13 +503,16 @@ def predict(
     chunk = plan.chunk_size
     buf = torch.empty(chunk, posterior.num_params, dtype=sdt, device=posterior.device)
     run_method = plan.method
+    trial = method == "auto" and run_method == "vmap" and not plan.measured and num_samples > chunk
+    t_vmap = t_loop = 0.0
+    key = _plan_key(posterior, model, args, num_samples, method, chunk_size, max_memory, output_fn)
     binding = ParamBinding(params)
     from tqdm.auto import tqdm
 
     bar = tqdm(
         total=num_samples,
         unit="sample",
-        desc=f"predictive ({run_method})",
+        desc="predictive",
         delay=0.0 if progress else 2.0,
         disable=progress is False,
         leave=False,
@@ -521,9 +522,15 @@ def predict(
             done = 0
             while done < num_samples:
                 c = min(chunk, num_samples - done)
+                loop_trial = trial and done > 0
+                if loop_trial:
+                    c = min(c, max(2, chunk // 4))
                 batch = posterior.sample(c, seed, sample_offset=sample_offset + done, out=buf[:c])
                 views = _cast_views(batch.views(), dtypes)
-                if run_method == "vmap":
+                t0 = time.perf_counter()
+                if loop_trial or run_method == "loop":
+                    out = _loop_chunk(binding, views, args, model, output_fn)
+                else:
                     try:
                         out = _vmap_chunk(model, views, args, output_fn)
                     except Exception as err:
@@ -535,14 +542,20 @@ def predict(
                             RuntimeWarning,
                             stacklevel=2,
                         )
-                        run_method = "loop"
-                        key = _plan_key(posterior, model, args, num_samples, method, chunk_size, max_memory, output_fn)
-                        _PLANS.setdefault(model, {})[key] = PredictPlan(
-                            "loop", chunk, f"vmap failed: {type(err).__name__}", plan.flops_per_sample, 0
+                        run_method, trial = "loop", False
+                        _PLANS.setdefault(model, {})[key] = replace(
+                            plan, method="loop", reason=f"vmap failed: {type(err).__name__}", measured=True
                         )
                         out = _loop_chunk(binding, views, args, model, output_fn)
-                else:
-                    out = _loop_chunk(binding, views, args, model, output_fn)
+                dt = (time.perf_counter() - t0) / c
+                if trial and not loop_trial:
+                    t_vmap = dt
+                elif loop_trial:
+                    t_loop, trial = dt, False
+                    run_method = "loop" if t_loop < t_vmap else "vmap"
+                    reason = f"measured: vmap {t_vmap * 1e3:.3g} ms/sample, loop {t_loop * 1e3:.3g} ms/sample"
+                    _PLANS.setdefault(model, {})[key] = replace(plan, method=run_method, reason=reason, measured=True)
+                bar.set_description(f"predictive ({run_method})", refresh=False)
                 reducer.update(out)
                 del out, views, batch
                 done += c

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import vector_to_parameters
 
 from l2m_fast import L2MPosterior, plan_predict
-from l2m_fast.predictive import LOOP_MIN_FLOPS, ClassificationPrediction, RegressionPrediction
+from l2m_fast.predictive import ClassificationPrediction, RegressionPrediction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,16 +211,29 @@ def test_vmap_falls_back_to_loop_with_a_warning() -> None:
 def test_plan_rule() -> None:
     toy = _toy()
     plan = plan_predict(_posterior(toy), toy, torch.randn(200, 1), 500)
-    assert plan.method == "vmap" and plan.flops_per_sample < LOOP_MIN_FLOPS
-    big = nn.Linear(2048, 2048)
-    plan = plan_predict(_posterior(big), big, torch.randn(4, 2048), 10)
-    assert plan.method == "loop" and plan.flops_per_sample >= LOOP_MIN_FLOPS
+    assert plan.method == "vmap" and not plan.measured and plan.flops_per_sample == 2 * 200 * (40 + 1600 + 40)
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
     plan = plan_predict(_posterior(bn), bn, torch.randn(5, 3), 10)
     assert plan.method == "loop" and "running statistics" in plan.reason
     drop = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5)).train()
     assert plan_predict(_posterior(drop), drop, torch.randn(5, 3), 10).method == "loop"
     assert plan_predict(_posterior(drop), drop.eval(), torch.randn(5, 3), 10).method == "vmap"
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_auto_measures_vmap_against_loop_and_caches_the_choice(task: str) -> None:
+    model = _toy(out=3, seed=2)
+    post = _posterior(model)
+    x = torch.randn(7, 1, generator=torch.Generator().manual_seed(8))
+    kw = dict(num_samples=45, seed=4, task=task, chunk_size=12, progress=False)
+    pred = post.predict(model, x, **kw)
+    plan = plan_predict(post, model, x, 45, chunk_size=12)
+    assert plan.measured and "measured" in plan.reason and plan.method == pred.method
+    ref = post.predict(model, x, method="loop", **kw)
+    again = post.predict(model, x, **kw)  # the cached choice, no trial
+    for p in (pred, again):
+        for f in ("mean", "var") if task == "regression" else ("probs", "entropy", "mutual_info"):
+            torch.testing.assert_close(getattr(p, f), getattr(ref, f), rtol=2e-5, atol=1e-6)
 
 
 def test_batchnorm_in_training_mode_is_evaluated_in_a_loop() -> None:
