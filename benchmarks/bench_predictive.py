@@ -13,7 +13,9 @@ Contenders, all under ``torch.no_grad()`` and producing the same reductions:
   or the method forced;
 * ``laplace-torch``: a fitted ``DiagLaplace``'s own Monte-Carlo predictive, ``la(x, pred_type="nn",
   link_approx="mc", n_samples=S)``;
-* ``ivon``: IVON's ``with optimizer.sampled_params(): model(x)`` loop.
+* ``ivon``: IVON's ``with optimizer.sampled_params(): model(x)`` loop;
+* ``S MAP forwards``: S forwards with no sampling at all, the floor of any loop: ``naive / floor`` is
+  the most that removing the sampling and copying overhead of a loop can gain.
 
 Run as a script for one table with ratios measured in the same run::
 
@@ -115,6 +117,13 @@ def naive(case: Case) -> Any:
     return _reduce(outs, case.task)
 
 
+def forward_only(case: Case) -> Any:
+    """S forwards at the MAP, no sampling: the floor of any per-sample loop (not a predictive)."""
+    with torch.no_grad():
+        outs = [case.model(case.x) for _ in range(case.samples)]
+    return _reduce(outs, case.task)
+
+
 def ours(method: str) -> Callable[[Case], Any]:
     def run(case: Case) -> Any:
         return case.post.predict(
@@ -173,6 +182,7 @@ CONTENDERS: dict[str, Callable[[Case], Any]] = {
     "l2m predict (loop)": ours("loop"),
     "laplace-torch nn MC": laplace_mc,
     "ivon sampled_params": ivon_loop,
+    "S MAP forwards (loop floor)": forward_only,
 }
 PEERS = {"laplace-torch nn MC": "laplace", "ivon sampled_params": "ivon"}
 
