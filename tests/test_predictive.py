@@ -248,7 +248,8 @@ def test_batchnorm_in_training_mode_is_evaluated_in_a_loop() -> None:
     torch.testing.assert_close(pred.mean, ys.mean(0).float(), rtol=1e-5, atol=1e-6)
 
 
-def test_memory_budget_sets_the_chunk() -> None:
+def test_memory_budget_sets_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("l2m_fast.predictive.CACHE_BYTES", 1 << 40)
     model = _toy()
     post = _posterior(model)
     x = torch.randn(200, 1)
@@ -262,11 +263,23 @@ def test_memory_budget_sets_the_chunk() -> None:
     assert plan_predict(post, model, x, 500, max_memory=1).chunk_size == 1
 
 
+def test_cache_cap_sets_the_default_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _toy()
+    post = _posterior(model)
+    x = torch.randn(200, 1)
+    monkeypatch.setattr("l2m_fast.predictive.CACHE_BYTES", 1 << 20)
+    plan = plan_predict(post, model, x, 500, method="vmap")
+    assert 1 <= plan.chunk_size < 500
+    assert plan.chunk_size == (1 << 20) // (plan.bytes_per_sample - post.num_params * 4 - 200 * 4 - 4 * 200 * 4)
+
+
 _RSS_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
     from torch import nn
+    import l2m_fast.predictive
     from l2m_fast import L2MPosterior
+    l2m_fast.predictive.CACHE_BYTES = 1 << 40  # the budget alone sets the chunk
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 1024), nn.ReLU(), nn.Linear(1024, 1))
