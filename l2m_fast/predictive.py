@@ -18,14 +18,15 @@ probabilities and entropies), so memory does not grow with S unless ``keep_sampl
    the first vmapped chunk raises (an op vmap cannot batch): a ``RuntimeWarning`` says so and the loop
    takes over (remembered for that model and input shapes). A result is never silently wrong.
 2. Otherwise *measured*: which is faster depends on the model, the batch and the machine, and we
-   measured both ways (on a 2-core CPU a 784-512-512-10 MLP at batch 256 ran faster vmapped in chunks
-   of 32 than in a loop, where an earlier measurement with chunks of 25 had found the opposite). So the
-   first chunk is evaluated with vmap and the next few samples (a quarter of a chunk, at least 2) in a
-   loop, each timed per sample; the faster method evaluates the rest, and the choice is cached for the
-   model, input shapes and arguments, so later calls do not measure again. Every sample is used, so
-   the trial costs nothing beyond the slower method's share of it.
-3. When all S samples fit in one chunk there is nothing left to compare on: *vmap* (one batched
-   forward), unless a cached measurement chose the loop.
+   measured both ways (on our 2-core CPU the paper's toy MLP runs faster vmapped; the 784-512-512-10
+   MLP at batch 256 ran faster vmapped in chunks of 32 in one run and faster looped in another). So
+   the first chunk is vmapped (a warm-up: its first-touch allocations would bias the timing), the
+   second vmapped and timed, and the next few samples (a quarter of a chunk, at least 2) looped and
+   timed; the faster per sample evaluates the rest, and the choice is cached for the model, input
+   shapes and arguments, so later calls do not measure again. Every sample is used, so the trial
+   costs nothing beyond the slower method's share of it.
+3. When S is at most two chunks there is too little to compare on: *vmap*, unless a cached
+   measurement chose the loop.
 
 ``method="vmap"`` or ``"loop"`` overrides the rule (``"vmap"`` then raises rather than falls back).
 The plan (method, chunk size) is cached per model, input shapes, train/eval modes and arguments, so
@@ -160,7 +161,7 @@ class PredictPlan:
 
 
 class _OutputBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor each op returns."""
+    """Sums the bytes of every new tensor each op returns (views of its inputs are not counted)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,10 +169,18 @@ class _OutputBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
+        seen = {_storage_ptr(t) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, Tensor):
+            if isinstance(t, Tensor) and _storage_ptr(t) not in seen:
                 self.total += t.numel() * t.element_size()
         return out
+
+
+def _storage_ptr(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage
+        return -1
 
 
 def _as_args(inputs: Any) -> tuple[Any, ...]:
@@ -512,7 +521,9 @@ def predict(
     chunk = plan.chunk_size
     buf = torch.empty(chunk, posterior.num_params, dtype=sdt, device=posterior.device)
     run_method = plan.method
-    trial = method == "auto" and run_method == "vmap" and not plan.measured and num_samples > chunk
+    # the trial: chunk 1 vmapped (warm-up, untimed), chunk 2 vmapped and timed, then a looped quarter chunk
+    trial = method == "auto" and run_method == "vmap" and not plan.measured and num_samples > 2 * chunk
+    chunks_done = 0
     t_vmap = t_loop = 0.0
     key = _plan_key(posterior, model, args, num_samples, method, chunk_size, max_memory, output_fn)
     binding = ParamBinding(params)
@@ -531,7 +542,7 @@ def predict(
             done = 0
             while done < num_samples:
                 c = min(chunk, num_samples - done)
-                loop_trial = trial and done > 0
+                loop_trial = trial and chunks_done >= 2
                 if loop_trial:
                     c = min(c, max(2, chunk // 4))
                 batch = posterior.sample(c, seed, sample_offset=sample_offset + done, out=buf[:c])
@@ -557,7 +568,7 @@ def predict(
                         )
                         out = _loop_chunk(binding, views, args, model, output_fn)
                 dt = (time.perf_counter() - t0) / c
-                if trial and not loop_trial:
+                if trial and chunks_done == 1:
                     t_vmap = dt
                 elif loop_trial:
                     t_loop, trial = dt, False
@@ -568,6 +579,7 @@ def predict(
                 reducer.update(out)
                 del out, views, batch
                 done += c
+                chunks_done += 1
                 bar.update(c)
     finally:
         bar.close()
