@@ -353,7 +353,11 @@ def predict(
     Sample ``s`` is row ``s`` of ``posterior.sample(S, seed)``, whatever the chunking or the method, so
     results do not depend on ``chunk_size``, ``max_memory`` or ``method`` beyond float rounding.
     Runs under ``torch.no_grad()``; the model's mode (train/eval) is left as it is. Live parameters are
-    untouched by vmap and restored bit-for-bit after a loop, exceptions included.
+    untouched by vmap and restored bit-for-bit after a loop, exceptions included. The first call for a
+    given model, input shapes and arguments runs one extra forward at the MAP (the probe that sizes
+    the chunk) and, with ``method="auto"`` and more than two chunks, times vmap against a loop; both
+    are cached. A model in training mode with batch norm is looped, so its running statistics are
+    updated once per sample, as in a plain loop: call ``model.eval()`` first for a predictive.
 
     Args:
         posterior: the posterior over (some of) the model's parameters.
