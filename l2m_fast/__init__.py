@@ -2,7 +2,26 @@
 
 from . import ops
 from ._version import __version__
+from .ensemble import L2MEnsemble
+from .inplace import ParamBinding, SampleIterator, SampleWriter
 from .layout import FlatLayout, ParamSlot
 from .posterior import L2MPosterior, SampleBatch
+from .predictive import ClassificationPrediction, PredictPlan, RegressionPrediction, plan_predict, predict
 
-__all__ = ["L2MPosterior", "SampleBatch", "FlatLayout", "ParamSlot", "ops", "__version__"]
+__all__ = [
+    "L2MPosterior",
+    "SampleBatch",
+    "FlatLayout",
+    "ParamSlot",
+    "L2MEnsemble",
+    "ParamBinding",
+    "SampleWriter",
+    "SampleIterator",
+    "RegressionPrediction",
+    "ClassificationPrediction",
+    "PredictPlan",
+    "plan_predict",
+    "predict",
+    "ops",
+    "__version__",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,10 @@ from .layout import FlatLayout
 from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients
 from .ops.sample import OUTPUT_DTYPES, check_values, sample_diag_gaussian
 from .optim import ParamFilter, ParamMoment, moments_from_optimizer, moments_from_state_dict
+
+if TYPE_CHECKING:
+    from .inplace import SampleIterator
+    from .predictive import ClassificationPrediction, RegressionPrediction
 
 __all__ = ["L2MPosterior", "SampleBatch"]
 
@@ -368,9 +373,11 @@ class L2MPosterior:
     def sampled(self, model: nn.Module, index: int = 0, seed: int = 0) -> Iterator[nn.Module]:
         """Writes sample ``index`` of ``seed`` into the model's parameters in place; restores them on exit.
 
-        The restore is bit-for-bit and happens on exceptions too. Parameters the posterior does not
-        cover are untouched. A sharded posterior (``is_sharded``) writes this rank's local shards
-        (FSDP2 modules resharded first); every rank must enter it (:mod:`l2m_fast.distributed`).
+        One sampler call writes the sample into a work buffer the parameters are bound to
+        (:mod:`l2m_fast.inplace`); the original tensors are untouched, so the restore is bit-for-bit and
+        happens on exceptions too. Extra memory: one copy of the covered parameters. Parameters the
+        posterior does not cover are untouched. A sharded posterior (``is_sharded``) writes this rank's
+        local shards (FSDP2 modules resharded first); every rank must enter it (:mod:`l2m_fast.distributed`).
 
         Args:
             model: the model the posterior was built from.
@@ -384,20 +391,42 @@ class L2MPosterior:
             with sampled_sharded(self, model, index, seed):
                 yield model
             return
-        params = self._live_params(model)
-        backup = {n: p.detach().clone() for n, p in params.items()}
-        try:
-            row = self.sample(1, seed, sample_offset=index).flat[0]
-            views = self.layout.views(row)
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(views[n])
-            del row, views
+        from .inplace import SampleWriter
+
+        with SampleWriter(self, self._live_params(model)) as writer:
+            writer.write(index, seed)
             yield model
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(backup[n])
+
+    def iter_sampled(
+        self, model: nn.Module, num_samples: int, seed: int = 0, *, sample_offset: int = 0
+    ) -> SampleIterator:
+        """Iterates over S samples written in place one after another (see :class:`~l2m_fast.inplace.SampleIterator`).
+
+        Args:
+            model: the model the posterior was built from.
+            num_samples: S.
+            seed: 64-bit seed.
+            sample_offset: index of the first sample.
+
+        Returns:
+            An iterator of sample indices and a context manager that restores the parameters exactly.
+        """
+        from .inplace import SampleIterator
+
+        return SampleIterator(self, model, num_samples, seed, sample_offset)
+
+    def predict(
+        self, model: nn.Module, inputs: object, num_samples: int, seed: int = 0, **kwargs: object
+    ) -> RegressionPrediction | ClassificationPrediction:
+        """The Monte-Carlo posterior predictive; see :func:`l2m_fast.predictive.predict` for every option.
+
+        Returns:
+            :class:`~l2m_fast.predictive.RegressionPrediction` (``task="regression"``, default) or
+            :class:`~l2m_fast.predictive.ClassificationPrediction` (``task="classification"``).
+        """
+        from .predictive import predict
+
+        return predict(self, model, inputs, num_samples=num_samples, seed=seed, **kwargs)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- persistence
 

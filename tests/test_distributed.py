@@ -156,6 +156,12 @@ def _scenario_fsdp_sampled(mesh, tmpdir: str) -> None:  # noqa: ANN001
         mean, ref_mean = torch.stack(outs).mean(0), torch.stack(ref_outs).mean(0)
         assert torch.equal(mean, ref_mean)  # the all-gathered weights are the sample, bit for bit
         assert not torch.allclose(mean, y0)
+        pred = post.predict(model, x, num_samples=4, seed=SEED)  # the sharded path: a loop over sampled()
+        ref_pred = ref.predict(plain, x, num_samples=4, seed=SEED, method="loop")
+        torch.testing.assert_close(pred.mean, ref_pred.mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pred.epistemic_var, ref_pred.epistemic_var, rtol=1e-5, atol=1e-6)
+        with pytest.raises(NotImplementedError, match="sharded"):
+            post.iter_sampled(model, 2, SEED)
         with pytest.raises(RuntimeError, match="boom"), post.sampled(model, 9, SEED):
             model(x)
             raise RuntimeError("boom")

@@ -1,0 +1,173 @@
+"""In-place sampling: one sampler call per sample into bound parameters, bit-exact restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from l2m_fast import L2MPosterior, ParamBinding, SampleWriter
+from l2m_fast.ops.sample import MAX_SAMPLES
+
+
+def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 2)).to(dtype)
+
+
+def _posterior(model: nn.Module, names: list[str] | None = None) -> L2MPosterior:
+    g = torch.Generator().manual_seed(1)
+    params = {n: p for n, p in model.named_parameters() if names is None or n in names}
+    v = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
+    return L2MPosterior(params, v, a=1.0, b=[3.0], groups={n: 0 for n in params})
+
+
+def _flat(model: nn.Module, post: L2MPosterior) -> torch.Tensor:
+    named = dict(model.named_parameters())
+    return torch.cat([named[n].detach().reshape(-1).float() for n in post.layout.names])
+
+
+def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    return {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
+
+
+def _assert_restored(model: nn.Module, snap: dict[str, tuple[torch.Tensor, int]]) -> None:
+    for n, p in model.named_parameters():
+        before, ptr = snap[n]
+        assert p.data_ptr() == ptr, n
+        assert torch.equal(p.detach(), before), n
+
+
+@pytest.mark.parametrize("index", [0, 1, 6, 4097])
+def test_sampled_writes_the_row_and_restores_exactly(index: int) -> None:
+    model = _model()
+    post = _posterior(model)
+    snap = _snapshot(model)
+    params_before = list(model.parameters())
+    row = post.sample(index + 1, seed=5).flat[index]
+    with post.sampled(model, index=index, seed=5) as m:
+        assert m is model
+        assert torch.equal(_flat(model, post), row)
+        assert all(p is q for p, q in zip(model.parameters(), params_before))  # identity kept
+    _assert_restored(model, snap)
+
+
+def test_sampled_restores_after_an_exception_and_discards_writes() -> None:
+    model = _model()
+    post = _posterior(model)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="inside"), post.sampled(model, index=2, seed=0):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        raise ValueError("inside")
+    _assert_restored(model, snap)
+
+
+def test_one_work_buffer_bound_zero_copy() -> None:
+    model = _model()
+    post = _posterior(model)
+    writer = SampleWriter(post, post._live_params(model))
+    with writer:
+        writer.write(0, seed=1)
+        (buf,) = writer._buffers  # one dtype: one buffer, one sampler call per sample
+        assert buf.numel() == post.num_params
+        lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+        for p in model.parameters():
+            assert lo <= p.data_ptr() < hi
+        writer.write(3, seed=1)
+        assert torch.equal(buf, post.sample(4, seed=1).flat[3])
+    assert writer._buffers is None
+
+
+def test_subset_leaves_other_parameters_alone() -> None:
+    model = _model()
+    post = _posterior(model, names=["2.weight"])
+    first = model[0].weight
+    ptr = first.data_ptr()
+    with post.sampled(model, index=1, seed=0):
+        assert model[0].weight.data_ptr() == ptr
+        assert torch.equal(model[2].weight.detach().reshape(-1), post.sample(2, seed=0).flat[1])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"),
+    [(torch.bfloat16, 0.0), (torch.float16, 0.0), (torch.float64, 0.0)],
+)
+def test_other_parameter_dtypes(dtype: torch.dtype, atol: float) -> None:
+    model = _model(dtype)
+    post = _posterior(model)
+    snap = _snapshot(model)
+    out_dtype = dtype if dtype != torch.float64 else torch.float32
+    row = post.sample(3, seed=2, dtype=out_dtype).flat[2]
+    with post.sampled(model, index=2, seed=2):
+        named = dict(model.named_parameters())
+        got = torch.cat([named[n].detach().reshape(-1) for n in post.layout.names])
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, row.to(dtype), rtol=0, atol=atol)
+    _assert_restored(model, snap)
+
+
+def test_mixed_dtypes_one_call_per_run() -> None:
+    model = _model()
+    model[2].to(torch.float64)
+    post = _posterior(model)
+    row = post.sample(2, seed=4).flat[1]
+    with SampleWriter(post, post._live_params(model)) as writer:
+        writer.write(1, seed=4)
+        assert len(writer._buffers) == 2
+        got = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        torch.testing.assert_close(got, row.double(), rtol=0, atol=0)
+
+
+def test_iter_sampled_matches_sample_and_restores() -> None:
+    model = _model()
+    post = _posterior(model)
+    snap = _snapshot(model)
+    flat = post.sample(9, seed=7).flat
+    seen = []
+    with post.iter_sampled(model, num_samples=5, seed=7, sample_offset=4) as it:
+        assert len(it) == 5
+        for s in it:
+            seen.append(s)
+            assert torch.equal(_flat(model, post), flat[s])
+    assert seen == [4, 5, 6, 7, 8]
+    _assert_restored(model, snap)
+    for _ in post.iter_sampled(model, num_samples=2, seed=0):  # exhausted without a with block
+        pass
+    _assert_restored(model, snap)
+
+
+def test_iter_sampled_restores_on_break_and_exception() -> None:
+    model = _model()
+    post = _posterior(model)
+    snap = _snapshot(model)
+    with post.iter_sampled(model, num_samples=100, seed=0) as it:
+        for s in it:
+            if s == 2:
+                break
+    _assert_restored(model, snap)
+    with pytest.raises(KeyError), post.iter_sampled(model, num_samples=100, seed=0) as it:
+        for s in it:
+            if s == 3:
+                raise KeyError(s)
+    _assert_restored(model, snap)
+
+
+def test_iter_sampled_far_sample_indices_need_one_copy() -> None:
+    """Indices near the 2^32 limit: nothing of size S is ever allocated, only the (P,) work buffer."""
+    model = _model()
+    post = _posterior(model)
+    start = MAX_SAMPLES - 3
+    rows = post.sample(3, seed=1, sample_offset=start).flat
+    with post.iter_sampled(model, num_samples=3, seed=1, sample_offset=start) as it:
+        for k, _ in enumerate(it):
+            assert torch.equal(_flat(model, post), rows[k])
+
+
+def test_binding_checks_shapes() -> None:
+    model = _model()
+    binding = ParamBinding(dict(model.named_parameters()))
+    with pytest.raises(ValueError, match="cannot bind"), binding:
+        binding.bind({n: torch.zeros(1) for n, _ in model.named_parameters()})
+    assert not binding.bound
