@@ -19,13 +19,8 @@ def build_l2m(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str, **o
 def _l2m_predict(post: L2MPosterior, model: nn.Module, x: Tensor, num_samples: int, seed: int) -> Tensor:
     """Network outputs under ``num_samples`` posterior samples: (B, ...) inputs -> (S, B, ...) outputs.
 
-    This is the one place the demo computes the L2M predictive. TODO: switch it to
-    ``post.predict(model, x, num_samples=num_samples, seed=seed)`` (one batched forward) when that
-    lands; until then it loops over ``post.sampled(model, i, seed)``, which writes sample ``i`` in
-    place and restores the MAP exactly.
+    The one place the demo computes the L2M predictive: ``post.predict`` evaluates the model on all
+    samples in batched chunks (or a loop where that is faster) and keeps the S outputs.
     """
-    outs = []
-    for i in range(num_samples):
-        with post.sampled(model, i, seed):
-            outs.append(model(x))
-    return torch.stack(outs)
+    pred = post.predict(model, x, num_samples=num_samples, seed=seed, keep_samples=True, progress=False)
+    return pred.samples
