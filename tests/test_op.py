@@ -141,3 +141,21 @@ def test_reference_signature_matches_the_op():
     torch.ops.l2m_fast.sample_diag_gaussian_out(theta, v, a, b, bounds, 8, 0, 0, out_op)
     sample_diag_gaussian_ref(theta, v, a, b, bounds, 8, 0, 0, out_ref)
     torch.testing.assert_close(out_op, out_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_package_works_without_triton():
+    """Triton is optional: with it unimportable the package imports and samples on the CPU."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, l2m_fast\n"
+        "from l2m_fast.ops.triton_kernel import HAS_TRITON\n"
+        "assert not HAS_TRITON\n"
+        "out = l2m_fast.ops.sample_diag_gaussian(torch.zeros(9), torch.ones(9), 2, b=1.0, seed=1)\n"
+        "print(tuple(out.shape))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "(2, 9)"

@@ -24,7 +24,6 @@ from torch import Tensor
 from .reference import sample_diag_gaussian_ref
 from .sample import OUTPUT_DTYPES, _signed_seed
 from .triton_kernel import (
-    AUTOTUNE_CONFIGS,
     HAS_TRITON,
     TRITON_IMPORT_ERROR,
     interpret_mode,
@@ -41,7 +40,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernel import _find_segment, _write_samples
+    from .triton_kernel import AUTOTUNE_CONFIGS, _find_segment, _write_samples
 
     @triton.jit(do_not_specialize=["seed", "sample_offset"])
     def _sample_into_segments_kernel(
