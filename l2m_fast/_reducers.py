@@ -105,7 +105,7 @@ class _ClassificationReducer:
             if self.kept is None:
                 self.kept = p.new_empty((self.total, *p.shape[1:]))
             self.kept[self.n : self.n + c] = p
-        h = -(p * logp).sum(-1)
+        h = -torch.special.xlogy(p, p).sum(-1)  # 0 log 0 = 0: masked (-inf) logits stay finite
         ps, hs = p.double().sum(0), h.double().sum(0)
         self.psum = ps if self.psum is None else self.psum + ps
         self.hsum = hs if self.hsum is None else self.hsum + hs

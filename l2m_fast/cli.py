@@ -138,6 +138,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="l2m-fast", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,28 +156,28 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the paper's toy regression with its five baselines (six-panel PNG + tables)")
     d.add_argument("--methods", default="all", help="comma list of rpf,mc_dropout,ensemble,swag,hmc,l2m (default all)")
     d.add_argument("--out", default="l2m_out", help="output folder (default l2m_out)")
-    d.add_argument("--epochs", type=int, default=5000, help="training epochs of every network (default 5000)")
-    d.add_argument("--samples", type=int, default=500, help="posterior samples per method (default 500)")
-    d.add_argument("--ensemble-size", type=int, default=5, help=argparse.SUPPRESS)
-    d.add_argument("--hmc-samples", type=int, default=None, help=argparse.SUPPRESS)
-    d.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    d.add_argument("--epochs", type=_positive_int, default=5000, help="training epochs of every network (default 5000)")
+    d.add_argument("--samples", type=_positive_int, default=500, help="posterior samples per method (default 500)")
+    d.add_argument("--ensemble-size", type=_positive_int, default=5, help=argparse.SUPPRESS)
+    d.add_argument("--hmc-samples", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    d.add_argument("--threads", type=_positive_int, default=1, help=argparse.SUPPRESS)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("eval", help="evaluation tables")
     e.add_argument("task", choices=["classification"])
     e.add_argument("--out", default="l2m_out", help="output folder (default l2m_out)")
-    e.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
-    e.add_argument("--samples", type=int, default=100, help="posterior samples per method (default 100)")
-    e.add_argument("--ensemble-size", type=int, default=5, help=argparse.SUPPRESS)
-    e.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    e.add_argument("--epochs", type=_positive_int, default=60, help="training epochs (default 60)")
+    e.add_argument("--samples", type=_positive_int, default=100, help="posterior samples per method (default 100)")
+    e.add_argument("--ensemble-size", type=_positive_int, default=5, help=argparse.SUPPRESS)
+    e.add_argument("--threads", type=_positive_int, default=2, help=argparse.SUPPRESS)
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)
 
     b = sub.add_parser("bench", help="sampler table for this device")
-    b.add_argument("--params", type=int, default=1_000_000, help="P, parameters (default 1e6)")
-    b.add_argument("--samples", type=int, default=16, help="S, samples (default 16)")
-    b.add_argument("--repeats", type=int, default=5, help="timed repeats, the median is reported (default 5)")
+    b.add_argument("--params", type=_positive_int, default=1_000_000, help="P, parameters (default 1e6)")
+    b.add_argument("--samples", type=_positive_int, default=16, help="S, samples (default 16)")
+    b.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats, the median is reported (default 5)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     b.set_defaults(func=_bench)
     return p
@@ -174,7 +185,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``l2m-fast`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo.regression import parse_methods
+
+        try:
+            if not parse_methods(args.methods):
+                parser.error("--methods names no method: give a comma list of rpf,mc_dropout,ensemble,swag,hmc,l2m")
+        except ValueError as err:
+            parser.error(f"--methods: {err}")
     return int(args.func(args))
 
 

@@ -13,7 +13,9 @@ they are bound (an optimizer step, say) is discarded at restore.
 
 Caveat: code that caches a parameter's *storage* rather than the parameter (a module that copied its
 weight into a buffer at construction, ``torch.compile`` graphs specialised on data pointers) does not
-see the bound sample; ordinary ``nn.Module`` forwards read the parameter and do.
+see the bound sample; ordinary ``nn.Module`` forwards read the parameter and do. In-place contexts on
+one model must be left in the reverse order they were entered (``with`` blocks do that): each restores
+what the parameters held when it was entered.
 """
 
 from __future__ import annotations

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
+from torch import Tensor
+
+from .layout import FlatLayout
 from .optim import ParamMoment
 
-__all__ = ["PerGroup", "per_group", "paper_coefficients", "explicit_coefficients", "MODES"]
+__all__ = ["PerGroup", "per_group", "paper_coefficients", "explicit_coefficients", "segments", "MODES"]
 
 MODES = ("paper", "explicit")
 
@@ -117,3 +121,24 @@ def explicit_coefficients(
             "fisher_scale and prior_precision must be >= 0 and temperature > 0",
         )
     return fs * m.scale / t, (fs * m.shift + pp) / t
+
+
+def segments(coeffs: Sequence[tuple[float, float]], layout: FlatLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """Merges runs of parameters with equal ``(a, b)`` into segments: ``a (G,), b (G,), bounds (G+1,)``."""
+    a_list: list[float] = []
+    b_list: list[float] = []
+    bounds = [0]
+    for (a, b), slot in zip(coeffs, layout):
+        if a_list and a_list[-1] == a and b_list[-1] == b:
+            bounds[-1] = slot.stop
+        else:
+            a_list.append(a)
+            b_list.append(b)
+            bounds.append(slot.stop)
+    if not a_list:
+        a_list, b_list = [1.0], [1.0]
+    return (
+        torch.tensor(a_list, dtype=torch.float32),
+        torch.tensor(b_list, dtype=torch.float32),
+        torch.tensor(bounds if len(bounds) > 1 else [0, 0], dtype=torch.int64),
+    )

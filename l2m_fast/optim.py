@@ -126,6 +126,12 @@ def _correction(kind: str, state: Mapping[str, object], group: Mapping[str, obje
         decay = float(group["alpha"])  # type: ignore[arg-type]
     else:
         decay = float(group["rho"])  # type: ignore[arg-type]
+    if not 1.0 - decay**step > 0:
+        raise ValueError(
+            f"a decay rate of {decay} leaves the moving average without a bias correction (1 - {decay}^step = 0): "
+            "this optimizer's second moment is not an average of squared gradients; pass the second moments "
+            "directly: L2MPosterior(params, second_moments, a=..., b=...)"
+        )
     return 1.0 / (1.0 - decay**step), 0.0
 
 
@@ -292,10 +298,12 @@ def moments_from_state_dict(
     if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
         raise ValueError("state_dict must be an optimizer state_dict with 'state' and 'param_groups' keys")
     groups = state_dict["param_groups"]
-    states = state_dict["state"]
+    # a state_dict that went through JSON or YAML keeps its integer ids as strings
+    states = {int(k) if isinstance(k, str) and k.isdigit() else k: st for k, st in state_dict["state"].items()}
     kind = optimizer_kind(optimizer) if optimizer is not None else _kind_from_state_dict(groups, states)
     _check_filter_names(model, params)
-    ids = [(pid, gi) for gi, g in enumerate(groups) for pid in g["params"]]
+    as_id = lambda pid: int(pid) if isinstance(pid, str) and pid.isdigit() else pid  # noqa: E731
+    ids = [(as_id(pid), gi) for gi, g in enumerate(groups) for pid in g["params"]]
     named = dict(model.named_parameters())
     if param_names is None and ids and all(isinstance(pid, str) and pid in named for pid, _ in ids):
         param_names = [pid for pid, _ in ids]  # keyed by name (torch.distributed.checkpoint.state_dict)
@@ -304,6 +312,13 @@ def moments_from_state_dict(
         param_names = [n for g in groups for n in g["param_names"]]
         source = "the state_dict's param_names"
     elif param_names is None:
+        if len(groups) > 1:
+            raise ValueError(
+                f"the state_dict has {len(groups)} parameter groups and no parameter names, so which model "
+                "parameter each entry belongs to cannot be told (groups need not follow the model's order): "
+                "pass param_names=[...] naming them in the optimizer's order (the groups' params, concatenated), "
+                "or build the optimizer from model.named_parameters() so that its state_dict records the names"
+            )
         param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         source = "the model's trainable parameters in order"
     else:
@@ -316,7 +331,10 @@ def moments_from_state_dict(
         )
     unknown = [n for n in param_names if n not in named]
     if unknown:
-        raise KeyError(f"{source} names {unknown[:5]} that are not parameters of the model")
+        raise KeyError(
+            f"{source} names {unknown[:5]} that are not parameters of the model (a wrapper's prefix such as "
+            "'module.' or '_orig_mod.'?): pass param_names=[...] with the model's own names"
+        )
     by_name = {n: (pid, gi) for n, (pid, gi) in zip(param_names, ids)}
     entries = []
     for name, p in model.named_parameters():

@@ -7,6 +7,7 @@ segment of elements (:mod:`l2m_fast.modes`). Training on afterwards does not cha
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .distributed import is_dtensor, localize, reshard_fsdp, sample_runs, sampled_sharded
 from .layout import FlatLayout
-from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients
+from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients, segments
 from .ops.sample import OUTPUT_DTYPES, check_values, sample_diag_gaussian
 from .optim import ParamFilter, ParamMoment, moments_from_optimizer, moments_from_state_dict
 
@@ -53,27 +54,6 @@ class SampleBatch:
     def views(self) -> dict[str, Tensor]:
         """name -> (S, *shape) views, for ``torch.func.functional_call`` under ``vmap``."""
         return self.layout.views(self.flat)
-
-
-def _segments(coeffs: Sequence[tuple[float, float]], layout: FlatLayout) -> tuple[Tensor, Tensor, Tensor]:
-    """Merges runs of parameters with equal ``(a, b)`` into segments: ``a (G,), b (G,), bounds (G+1,)``."""
-    a_list: list[float] = []
-    b_list: list[float] = []
-    bounds = [0]
-    for (a, b), slot in zip(coeffs, layout):
-        if a_list and a_list[-1] == a and b_list[-1] == b:
-            bounds[-1] = slot.stop
-        else:
-            a_list.append(a)
-            b_list.append(b)
-            bounds.append(slot.stop)
-    if not a_list:
-        a_list, b_list = [1.0], [1.0]
-    return (
-        torch.tensor(a_list, dtype=torch.float32),
-        torch.tensor(b_list, dtype=torch.float32),
-        torch.tensor(bounds if len(bounds) > 1 else [0, 0], dtype=torch.int64),
-    )
 
 
 class L2MPosterior:
@@ -153,6 +133,13 @@ class L2MPosterior:
                 raise ValueError(f"parameter {name!r}: second moment shape {tuple(v.shape)} != {tuple(p.shape)}")
             if not p.is_floating_point():
                 raise TypeError(f"parameter {name!r} is {p.dtype}: only floating-point parameters can be sampled")
+        wide = [name for name, p, _ in entries if p.dtype == torch.float64]
+        if wide:
+            warnings.warn(
+                f"parameters {wide[:4]} are float64: the sampling contract computes in float32, so the posterior's "
+                "mean is theta rounded to float32 and samples written back carry that rounding",
+                stacklevel=3,
+            )
         if device is None:
             device = entries[0][1].device if entries else torch.device("cpu")
         device = torch.device(device)
@@ -168,7 +155,7 @@ class L2MPosterior:
             self.v = self.layout.flatten({n: v for n, _, v in entries}).to(device)
             if self.layout.numel and self.theta.data_ptr() == entries[0][1].data_ptr():
                 self.theta = self.theta.clone()
-        self.seg_a, self.seg_b, self.seg_bounds = (t.to(device) for t in _segments(coeffs, self.layout))
+        self.seg_a, self.seg_b, self.seg_bounds = (t.to(device) for t in segments(coeffs, self.layout))
         self.mode = mode
         self.kept_at_map: tuple[tuple[str, str], ...] = tuple(kept_at_map)
         self.param_dtypes = {n: p.dtype for n, p, _ in entries}

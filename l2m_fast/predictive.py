@@ -26,7 +26,8 @@ probabilities and entropies), so memory does not grow with S unless ``keep_sampl
    shapes and arguments, so later calls do not measure again. Every sample is used, so the trial
    costs nothing beyond the slower method's share of it.
 3. When S is at most two chunks there is too little to compare on: *vmap*, unless a cached
-   measurement chose the loop.
+   measurement chose the loop. Likewise under an initialised ``torch.distributed`` process group,
+   where a timing could differ between ranks whose forwards communicate: *vmap* (or the loop of 1.).
 
 ``method="vmap"`` or ``"loop"`` overrides the rule (``"vmap"`` then raises rather than falls back).
 The plan (method, chunk size) is cached per model, input shapes, train/eval modes and arguments, so
@@ -208,6 +209,7 @@ def _vmap_blocker(model: nn.Module) -> str | None:
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, PredictPlan]] = weakref.WeakKeyDictionary()
+_MAX_PLANS = 16
 
 
 def _plan_key(posterior: L2MPosterior, model: nn.Module, args: tuple[Any, ...], *rest: Any) -> tuple:
@@ -244,14 +246,29 @@ def plan_predict(
             return PredictPlan("loop", min(chunk_size, s), blocker, 0, 0)
     else:
         blocker = None
+    if blocker is not None or method == "loop":
+        # a loop holds one sample row per chunk entry: no probe forward, which would also update batch
+        # norm statistics or draw dropout masks once more than the samples do
+        if chunk_size is None:
+            chunk_size = max(1, min(s, max_memory // max(row_bytes, 1), CACHE_BYTES // max(row_bytes, 1)))
+        return PredictPlan("loop", min(chunk_size, s), blocker or "chosen by the caller", 0, row_bytes)
     args = _as_args(inputs)
     key = _plan_key(posterior, model, args, num_samples, method, chunk_size, max_memory, output_fn)
     cached = _PLANS.get(model, {}).get(key)
     if cached is not None:
         return cached
     plan = _probe_plan(posterior, model, args, s, row_bytes, method, chunk_size, max_memory, output_fn, blocker)
-    _PLANS.setdefault(model, {})[key] = plan
+    _remember(model, key, plan)
     return plan
+
+
+def _remember(model: nn.Module, key: tuple, plan: PredictPlan) -> None:
+    """Caches a plan, keeping the newest :data:`_MAX_PLANS` per model (keys hold ``output_fn`` objects)."""
+    plans = _PLANS.setdefault(model, {})
+    plans.pop(key, None)
+    plans[key] = plan
+    while len(plans) > _MAX_PLANS:
+        plans.pop(next(iter(plans)))
 
 
 def _probe_plan(
@@ -441,7 +458,11 @@ def predict(
     buf = torch.empty(chunk, posterior.num_params, dtype=sdt, device=posterior.device)
     run_method = plan.method
     # the trial: chunk 1 vmapped (warm-up, untimed), chunk 2 vmapped and timed, then a looped quarter chunk
-    trial = method == "auto" and run_method == "vmap" and not plan.measured and num_samples > 2 * chunk
+    # under torch.distributed every rank must take the same path (forwards may communicate): no timing
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    trial = (
+        method == "auto" and run_method == "vmap" and not plan.measured and num_samples > 2 * chunk and not distributed
+    )
     chunks_done = 0
     t_vmap = t_loop = 0.0
     key = _plan_key(posterior, model, args, num_samples, method, chunk_size, max_memory, output_fn)
@@ -482,9 +503,9 @@ def predict(
                             stacklevel=2,
                         )
                         run_method, trial = "loop", False
-                        _PLANS.setdefault(model, {})[key] = replace(
+                        _remember(model, key, replace(
                             plan, method="loop", reason=f"vmap failed: {type(err).__name__}", measured=True
-                        )
+                        ))
                         out = _loop_chunk(binding, views, args, model, output_fn)
                 dt = (time.perf_counter() - t0) / c
                 if trial and chunks_done == 1:
@@ -493,7 +514,7 @@ def predict(
                     t_loop, trial = dt, False
                     run_method = "loop" if t_loop < t_vmap else "vmap"
                     reason = f"measured: vmap {t_vmap * 1e3:.3g} ms/sample, loop {t_loop * 1e3:.3g} ms/sample"
-                    _PLANS.setdefault(model, {})[key] = replace(plan, method=run_method, reason=reason, measured=True)
+                    _remember(model, key, replace(plan, method=run_method, reason=reason, measured=True))
                 bar.set_description(f"predictive ({run_method})", refresh=False)
                 reducer.update(out)
                 del out, views, batch

@@ -31,9 +31,28 @@ def test_demo_other_baselines_with_hmc_diagnostics(tmp_path, capsys):
         assert name in text
 
 
-def test_demo_rejects_unknown_method(tmp_path):
-    with pytest.raises(ValueError, match="unknown method"):
+def test_demo_rejects_unknown_method(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         main(["demo", "--methods", "nope", "--out", str(tmp_path), "--no-progress"])
+    assert exc.value.code == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--samples", "0"], "--samples: must be at least 1"),
+        (["demo", "--epochs", "-3"], "--epochs: must be at least 1"),
+        (["demo", "--methods", ","], "--methods names no method"),
+        (["bench", "--repeats", "0"], "--repeats: must be at least 1"),
+        (["bench", "--params", "x"], "expected a positive integer"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_eval_classification(tmp_path, capsys):

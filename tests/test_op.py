@@ -159,3 +159,31 @@ def test_package_works_without_triton():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "(2, 9)"
+
+
+RAW_BAD = [
+    (dict(out=torch.empty(2, 5, device="meta")), "one device"),
+    (dict(theta=torch.zeros(4)), "theta must be a contiguous 1-D"),
+    (dict(v=torch.zeros(5, dtype=torch.float64)), "v must be a contiguous 1-D"),
+    (dict(bounds=torch.tensor([0, 5], dtype=torch.int32)), "bounds must be"),
+    (dict(b=torch.ones(2)), "b must be"),
+    (dict(out=torch.empty(5, 2).t()), "out must be a contiguous"),
+    (dict(sample_offset=(1 << 32) - 1), "2\\^32"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), RAW_BAD)
+def test_raw_op_metadata_checks_on_the_default_and_fake_paths(kwargs, match):
+    """What the Triton launch relies on is checked before it, from metadata (so on meta tensors too)."""
+    from l2m_fast.ops.sample import _check_metadata
+
+    args = dict(theta=torch.zeros(5), v=torch.ones(5), a=torch.ones(1), b=torch.ones(1),
+                bounds=torch.tensor([0, 5]), sample_offset=0, element_offset=0, out=torch.empty(2, 5))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        _check_metadata(**args)
+    if "out" in kwargs and kwargs["out"].device.type == "meta":
+        with pytest.raises(ValueError, match=match):
+            torch.ops.l2m_fast.sample_diag_gaussian_out(
+                args["theta"], args["v"], args["a"], args["b"], args["bounds"], 1, 0, 0, args["out"]
+            )

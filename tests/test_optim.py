@@ -197,3 +197,58 @@ def test_unknown_state_dict_needs_the_optimizer_class():
     sd = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}]}
     with pytest.raises(TypeError, match="pass optimizer=<its class>"):
         L2MPosterior.from_state_dict(model, sd)
+
+
+def test_state_dict_with_several_groups_needs_names():
+    """Groups need not follow the model's order: without names, matching by position could swap them."""
+    model = _mlp()
+    groups = [{"params": model[2].parameters(), "weight_decay": 0.5}, {"params": model[0].parameters()}]
+    opt = torch.optim.Adam(groups, lr=1e-2, weight_decay=0.1)
+    _train(model, opt)
+    with pytest.raises(ValueError, match="2 parameter groups and no parameter names.*param_names"):
+        L2MPosterior.from_state_dict(model, opt.state_dict())
+
+
+def test_state_dict_with_string_ids_after_json():
+    import json
+
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(model, opt)
+    sd = opt.state_dict()
+    texty = {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": json.loads(json.dumps(
+        [{k: v for k, v in g.items()} for g in sd["param_groups"]]))}
+    post = L2MPosterior.from_state_dict(model, texty)
+    assert torch.equal(post.variance(), L2MPosterior.from_optimizer(model, opt).variance())
+
+
+def test_wrapper_prefix_names_the_way_out():
+    model = _mlp()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1)
+    _train(model, opt)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["param_names"] = ["module." + n for n in sd["param_groups"][0]["param_names"]]
+    with pytest.raises(KeyError, match="'module.'.*pass param_names"):
+        L2MPosterior.from_state_dict(model, sd)
+
+
+@pytest.mark.parametrize(("kind", "kwargs"), [("Adadelta", dict(rho=1.0)), ("RMSprop", dict(alpha=1.0))])
+def test_decay_of_one_has_no_average(kind, kwargs):
+    model = _mlp()
+    opt = getattr(torch.optim, kind)(model.parameters(), lr=1e-3, weight_decay=0.1, **kwargs)
+    _train(model, opt, steps=2)
+    with pytest.raises(ValueError, match="decay rate of 1.0.*pass the second moments directly"):
+        L2MPosterior.from_optimizer(model, opt)
+
+
+def test_float64_parameters_warn_about_float32_sampling():
+    model = _mlp().double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, generator=g).double(), torch.randn(8, 2, generator=g).double()
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    with pytest.warns(UserWarning, match="float64.*rounded to float32"):
+        post = L2MPosterior.from_optimizer(model, opt)
+    assert post.theta.dtype == torch.float32

@@ -336,3 +336,48 @@ def test_bad_arguments() -> None:
         post.predict(model, x, num_samples=2, chunk_size=0, progress=False)
     with pytest.raises(KeyError, match="no parameter"):
         post.predict(nn.Linear(1, 1), x, num_samples=2, progress=False)
+
+
+class _Masked(nn.Module):
+    """A classifier whose last class is masked out with a -inf logit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.lin = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lin(x)
+        return logits.masked_fill(torch.arange(4) == 3, float("-inf"))
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_masked_logits_give_finite_entropies(method: str) -> None:
+    model = _Masked()
+    post = _posterior(model)
+    pred = post.predict(model, torch.randn(5, 3), 6, seed=1, task="classification", method=method, progress=False)
+    for t in (pred.probs, pred.entropy, pred.expected_entropy, pred.mutual_info):
+        assert bool(torch.isfinite(t).all())
+    assert bool((pred.probs[:, 3] == 0).all())
+
+
+def test_forced_loop_runs_no_extra_forward() -> None:
+    """Batch norm in training mode is looped: its statistics are updated once per sample, no probe forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)).train()
+    post = _posterior(model)
+    for _ in range(2):
+        before = int(model[1].num_batches_tracked)
+        post.predict(model, torch.randn(16, 3), 4, seed=0, progress=False)
+        assert int(model[1].num_batches_tracked) - before == 4
+
+
+def test_plan_cache_is_bounded_per_model() -> None:
+    from l2m_fast import predictive
+
+    model = _toy()
+    post = _posterior(model)
+    x = torch.randn(4, 1)
+    for k in range(predictive._MAX_PLANS + 5):
+        post.predict(model, x, 3, seed=0, output_fn=lambda y, k=k: y + k, progress=False)
+    assert len(predictive._PLANS[model]) == predictive._MAX_PLANS

@@ -38,7 +38,8 @@ def run_mc_dropout(
     model.train()  # dropout on at prediction time
     torch.manual_seed(cfg.seed + 3001)
     with Timer() as t_pred, torch.no_grad():
-        # one mask per pass, shared by all queries: each row is one function sample
+        # one pass per sample; nn.Dropout draws its mask per query row, so rows are independent draws
+        # of the per-point predictive (the marginals the bands and scores use), not coherent functions
         samples = torch.stack([model(queries).squeeze(-1) for _ in range(cfg.samples)])
     model.eval()
     return MethodRun(samples, train_s=t_train.s, posthoc_s=0.0, predict_s=t_pred.s, diagnostics={"p": p})

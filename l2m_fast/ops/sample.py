@@ -36,6 +36,36 @@ _MAX_INDEX = (1 << 63) - 1
 _U64 = 1 << 64
 
 
+def _check_metadata(
+    theta: Tensor, v: Tensor, a: Tensor, b: Tensor, bounds: Tensor, sample_offset: int, element_offset: int, out: Tensor
+) -> None:
+    """What the kernels rely on to stay in bounds, from metadata alone (so it also runs on fake tensors)."""
+    if out.dim() != 2 or not out.is_contiguous() or out.dtype not in OUTPUT_DTYPES:
+        got = f"{tuple(out.shape)} {out.dtype}"
+        raise ValueError(f"out must be a contiguous (S, P) tensor of {OUTPUT_DTYPES}, got {got}")
+    s, n = out.shape
+    for name, t, dtype, numel in (
+        ("theta", theta, torch.float32, n),
+        ("v", v, torch.float32, n),
+        ("a", a, torch.float32, a.numel()),
+        ("b", b, torch.float32, a.numel()),
+        ("bounds", bounds, torch.int64, a.numel() + 1),
+    ):
+        if t.dim() != 1 or t.dtype != dtype or t.numel() != numel or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous 1-D {dtype} tensor of {numel} elements, "
+                f"got {tuple(t.shape)} {t.dtype}{'' if t.is_contiguous() else ' (non-contiguous)'}"
+            )
+        if t.device != out.device:
+            raise ValueError(f"{name} is on {t.device} but out on {out.device}: put every tensor on one device")
+    if a.numel() < 1:
+        raise ValueError("a, b need at least one segment")
+    if sample_offset < 0 or sample_offset + s > MAX_SAMPLES:
+        raise ValueError(f"samples {sample_offset}..{sample_offset + s - 1} leave the 2^32 sample indices")
+    if element_offset < 0 or element_offset + n > _MAX_INDEX:
+        raise ValueError(f"elements {element_offset}..{element_offset + n - 1} leave the 63-bit element index")
+
+
 def _impl(
     theta: Tensor,
     v: Tensor,
@@ -47,6 +77,7 @@ def _impl(
     element_offset: int,
     out: Tensor,
 ) -> None:
+    _check_metadata(theta, v, a, b, bounds, sample_offset, element_offset, out)
     if out.device.type == "cuda" and HAS_TRITON:
         sample_diag_gaussian_triton(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
     else:
@@ -84,8 +115,10 @@ def sample_diag_gaussian_out(
 
 
 # triton_op registers the implementation itself as the fake kernel; the op returns nothing, so the
-# fake kernel has nothing to compute (and must not trace the reference on fake CPU tensors).
-sample_diag_gaussian_out.register_fake(lambda *args, **kwargs: None)
+# fake kernel only checks the metadata (it must not trace the reference on fake CPU tensors).
+@sample_diag_gaussian_out.register_fake
+def _(theta, v, a, b, bounds, seed, sample_offset, element_offset, out) -> None:  # noqa: ANN001
+    _check_metadata(theta, v, a, b, bounds, sample_offset, element_offset, out)
 
 
 def _plain_decomposition(mode, op, types, args, kwargs):  # noqa: ANN001, ANN202
