@@ -1,17 +1,68 @@
-"""Streaming reductions of the posterior predictive (see :mod:`l2m_fast.predictive`): memory does not
-grow with the number of samples unless the outputs are kept."""
+"""The posterior predictive's results and the streaming reductions that build them (see
+:mod:`l2m_fast.predictive`): memory does not grow with the number of samples unless the outputs are kept."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .predictive import ClassificationPrediction, RegressionPrediction
+__all__ = ["RegressionPrediction", "ClassificationPrediction", "_RegressionReducer", "_ClassificationReducer"]
 
-__all__ = ["_RegressionReducer", "_ClassificationReducer"]
+
+@dataclass
+class RegressionPrediction:
+    """The predictive of a regression model: moments of the Monte-Carlo mixture over S samples.
+
+    Variances are those of the S-component mixture (divided by S, not S - 1).
+
+    Attributes:
+        mean: (B, *out) predictive mean.
+        var: (B, *out) total predictive variance, ``epistemic_var + aleatoric_var``.
+        epistemic_var: (B, *out) variance of the sampled means.
+        aleatoric_var: (B, *out) mean of the predicted variances (a Gaussian head), else None.
+        samples: (S, B, *out) the sampled means when ``keep_samples=True``, else None.
+        aleatoric_samples: (S, B, *out) the sampled variances with a Gaussian head and ``keep_samples``.
+        num_samples: S.
+        method: ``"vmap"`` or ``"loop"``, how the samples were evaluated.
+        chunk_size: samples per chunk.
+    """
+
+    mean: Tensor
+    var: Tensor
+    epistemic_var: Tensor
+    aleatoric_var: Tensor | None
+    samples: Tensor | None
+    aleatoric_samples: Tensor | None
+    num_samples: int
+    method: str
+    chunk_size: int
+
+
+@dataclass
+class ClassificationPrediction:
+    """The predictive of a classifier: the Monte-Carlo average of the softmax over S samples.
+
+    Attributes:
+        probs: (B, C) averaged class probabilities.
+        entropy: (B,) predictive entropy ``H[probs]`` in nats (total uncertainty).
+        expected_entropy: (B,) mean entropy of the sampled softmaxes (aleatoric part).
+        mutual_info: (B,) ``entropy - expected_entropy`` (epistemic part, BALD), clamped at 0.
+        samples: (S, B, C) sampled probabilities when ``keep_samples=True``, else None.
+        num_samples: S.
+        method: ``"vmap"`` or ``"loop"``.
+        chunk_size: samples per chunk.
+    """
+
+    probs: Tensor
+    entropy: Tensor
+    expected_entropy: Tensor
+    mutual_info: Tensor
+    samples: Tensor | None
+    num_samples: int
+    method: str
+    chunk_size: int
 
 
 class _RegressionReducer:
@@ -64,8 +115,6 @@ class _RegressionReducer:
         self.n += c
 
     def result(self, method: str, chunk: int) -> RegressionPrediction:
-        from .predictive import RegressionPrediction
-
         assert self.mean is not None and self.m2 is not None and self.dtype is not None
         dt = self.dtype
         epi = self.m2 / self.n
@@ -112,8 +161,6 @@ class _ClassificationReducer:
         self.n += c
 
     def result(self, method: str, chunk: int) -> ClassificationPrediction:
-        from .predictive import ClassificationPrediction
-
         assert self.psum is not None and self.hsum is not None
         probs = self.psum / self.n
         entropy = -torch.special.xlogy(probs, probs).sum(-1)

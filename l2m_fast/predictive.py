@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ._reducers import _ClassificationReducer, _RegressionReducer
+from ._reducers import ClassificationPrediction, RegressionPrediction, _ClassificationReducer, _RegressionReducer
 from .inplace import ParamBinding
 from .ops.sample import OUTPUT_DTYPES
 
@@ -83,60 +83,6 @@ faster in chunks of 128 than of 500, the 784-512-512-10 MLP 1.1x faster in chunk
 Task = Literal["regression", "classification"]
 Method = Literal["auto", "vmap", "loop"]
 OutputFn = Callable[[Any], "Tensor | tuple[Tensor, Tensor]"]
-
-
-@dataclass
-class RegressionPrediction:
-    """The predictive of a regression model: moments of the Monte-Carlo mixture over S samples.
-
-    Variances are those of the S-component mixture (divided by S, not S - 1).
-
-    Attributes:
-        mean: (B, *out) predictive mean.
-        var: (B, *out) total predictive variance, ``epistemic_var + aleatoric_var``.
-        epistemic_var: (B, *out) variance of the sampled means.
-        aleatoric_var: (B, *out) mean of the predicted variances (a Gaussian head), else None.
-        samples: (S, B, *out) the sampled means when ``keep_samples=True``, else None.
-        aleatoric_samples: (S, B, *out) the sampled variances with a Gaussian head and ``keep_samples``.
-        num_samples: S.
-        method: ``"vmap"`` or ``"loop"``, how the samples were evaluated.
-        chunk_size: samples per chunk.
-    """
-
-    mean: Tensor
-    var: Tensor
-    epistemic_var: Tensor
-    aleatoric_var: Tensor | None
-    samples: Tensor | None
-    aleatoric_samples: Tensor | None
-    num_samples: int
-    method: str
-    chunk_size: int
-
-
-@dataclass
-class ClassificationPrediction:
-    """The predictive of a classifier: the Monte-Carlo average of the softmax over S samples.
-
-    Attributes:
-        probs: (B, C) averaged class probabilities.
-        entropy: (B,) predictive entropy ``H[probs]`` in nats (total uncertainty).
-        expected_entropy: (B,) mean entropy of the sampled softmaxes (aleatoric part).
-        mutual_info: (B,) ``entropy - expected_entropy`` (epistemic part, BALD), clamped at 0.
-        samples: (S, B, C) sampled probabilities when ``keep_samples=True``, else None.
-        num_samples: S.
-        method: ``"vmap"`` or ``"loop"``.
-        chunk_size: samples per chunk.
-    """
-
-    probs: Tensor
-    entropy: Tensor
-    expected_entropy: Tensor
-    mutual_info: Tensor
-    samples: Tensor | None
-    num_samples: int
-    method: str
-    chunk_size: int
 
 
 @dataclass(frozen=True)
