@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .modes import restrict_segments
 from .ops.sample import sample_diag_gaussian
 
 if TYPE_CHECKING:
@@ -212,21 +213,7 @@ def _run_segments(post: L2MPosterior) -> list[tuple[Tensor, Tensor, Tensor]]:
     if cache is not None and cache[0] == device and cache[1] is post.seg_bounds:
         return cache[2]
     bounds = post.seg_bounds.tolist()
-    out = []
-    for lo, _, n in post.runs:
-        hi = lo + n
-        gs = [g for g in range(len(bounds) - 1) if bounds[g] < hi and bounds[g + 1] > lo]
-        if not gs:  # a run always meets a segment; keep the op's arguments well-formed regardless
-            gs = [0]
-        sub = [0] + [min(bounds[g + 1], hi) - lo for g in gs]
-        sub[-1] = n
-        out.append(
-            (
-                post.seg_a[gs[0] : gs[-1] + 1].contiguous(),
-                post.seg_b[gs[0] : gs[-1] + 1].contiguous(),
-                torch.tensor(sub, dtype=torch.int64, device=device),
-            )
-        )
+    out = [restrict_segments(post.seg_a, post.seg_b, bounds, lo, lo + n) for lo, _, n in post.runs]
     post._run_segments_cache = (device, post.seg_bounds, out)  # type: ignore[attr-defined]
     return out
 

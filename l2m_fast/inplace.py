@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import FlatLayout
+from .modes import restrict_segments
 from .ops.sample import OUTPUT_DTYPES, sample_diag_gaussian
 
 if TYPE_CHECKING:
@@ -81,19 +82,6 @@ class ParamBinding:
         self.restore()
 
 
-def _restrict_segments(
-    seg_a: Tensor, seg_b: Tensor, bounds: Tensor, start: int, stop: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The segments of ``[start, stop)``, re-based to start at 0: ``a (G',), b (G',), bounds (G'+1,)``."""
-    bl = bounds.tolist()
-    keep = [g for g in range(len(bl) - 1) if bl[g] < stop and bl[g + 1] > start]
-    if not keep:  # an empty run
-        return seg_a[:1], seg_b[:1], torch.zeros(2, dtype=torch.int64, device=bounds.device)
-    new_bounds = [0] + [min(bl[g + 1], stop) - start for g in keep]
-    idx = torch.tensor(keep, dtype=torch.int64, device=seg_a.device)
-    return seg_a[idx], seg_b[idx], torch.tensor(new_bounds, dtype=torch.int64, device=bounds.device)
-
-
 class SampleWriter:
     """Writes single posterior samples straight into a model's live parameters.
 
@@ -120,8 +108,9 @@ class SampleWriter:
             else:
                 runs.append((slot.offset, slot.stop, dt))
         self._runs = []
+        bounds = posterior.seg_bounds.tolist()
         for start, stop, dt in runs:
-            seg = _restrict_segments(posterior.seg_a, posterior.seg_b, posterior.seg_bounds, start, stop)
+            seg = restrict_segments(posterior.seg_a, posterior.seg_b, bounds, start, stop)
             self._runs.append((start, stop, dt, seg))
         self._buffers: list[Tensor] | None = None
 

@@ -25,7 +25,15 @@ from torch import Tensor
 from .layout import FlatLayout
 from .optim import ParamMoment
 
-__all__ = ["PerGroup", "per_group", "paper_coefficients", "explicit_coefficients", "segments", "MODES"]
+__all__ = [
+    "PerGroup",
+    "per_group",
+    "paper_coefficients",
+    "explicit_coefficients",
+    "segments",
+    "restrict_segments",
+    "MODES",
+]
 
 MODES = ("paper", "explicit")
 
@@ -141,4 +149,29 @@ def segments(coeffs: Sequence[tuple[float, float]], layout: FlatLayout) -> tuple
         torch.tensor(a_list, dtype=torch.float32),
         torch.tensor(b_list, dtype=torch.float32),
         torch.tensor(bounds if len(bounds) > 1 else [0, 0], dtype=torch.int64),
+    )
+
+
+def restrict_segments(
+    seg_a: Tensor, seg_b: Tensor, bounds: list[int], start: int, stop: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The segments over elements ``[start, stop)``, re-based to start at 0.
+
+    Args:
+        seg_a, seg_b: (G,) per-segment coefficients.
+        bounds: the G + 1 segment boundaries as a list (``seg_bounds.tolist()``, read once by callers
+            that restrict to several ranges).
+        start, stop: the element range.
+
+    Returns:
+        ``a (G',), b (G',), bounds (G'+1,)`` for the op; an empty range keeps one segment, ``[0, 0]``.
+    """
+    keep = [g for g in range(len(bounds) - 1) if bounds[g] < stop and bounds[g + 1] > start]
+    if not keep:
+        return seg_a[:1], seg_b[:1], torch.zeros(2, dtype=torch.int64, device=seg_a.device)
+    new_bounds = [0] + [min(bounds[g + 1], stop) - start for g in keep]
+    return (
+        seg_a[keep[0] : keep[-1] + 1].contiguous(),
+        seg_b[keep[0] : keep[-1] + 1].contiguous(),
+        torch.tensor(new_bounds, dtype=torch.int64, device=seg_a.device),
     )
