@@ -11,7 +11,7 @@ chosen at run time. Project metadata lives in pyproject.toml.
 
 from __future__ import annotations
 
-import os
+import runpy
 import shutil
 from pathlib import Path
 
@@ -20,10 +20,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-EXT_SOURCES = ["csrc/sampler_op.cpp", "csrc/sampler_kernels.cpp", "csrc/module.cpp"]
-SHIPPED = ("*.cpp", "*.h", "*.inc")
-# Keep in step with l2m_fast/ops/cpu.py (the JIT build). -ffp-contract=off: every ISA gives the same bits.
-CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
+# The package cannot be imported while it is being built: its two settings files are loaded by path.
+BUILD = runpy.run_path(str(ROOT / "l2m_fast" / "_build_config.py"))
+env_flag = runpy.run_path(str(ROOT / "l2m_fast" / "_env.py"))["env_flag"]
 
 
 class BuildPyWithSources(build_py):
@@ -35,13 +34,13 @@ class BuildPyWithSources(build_py):
             return  # an editable install finds csrc/ in the source tree
         dest = Path(self.build_lib) / "l2m_fast" / "_csrc"
         dest.mkdir(parents=True, exist_ok=True)
-        for pattern in SHIPPED:
+        for pattern in BUILD["SHIPPED_PATTERNS"]:
             for f in CSRC.glob(pattern):
                 shutil.copy2(f, dest / f.name)
 
 
 def _extensions() -> tuple[list, dict]:
-    if os.environ.get("L2M_FAST_NO_BUILD", "") not in ("", "0"):
+    if env_flag("L2M_FAST_NO_BUILD"):
         print("l2m_fast: L2M_FAST_NO_BUILD is set, not building l2m_fast._C (JIT at first use)")
         return [], {}
     try:
@@ -53,8 +52,8 @@ def _extensions() -> tuple[list, dict]:
     openmp = ["-fopenmp"] if torch._C.has_openmp else []  # at::parallel_for uses OpenMP
     ext = CppExtension(
         "l2m_fast._C",
-        sources=EXT_SOURCES,
-        extra_compile_args=CFLAGS + openmp,
+        sources=[f"csrc/{f}" for f in BUILD["EXTENSION_SOURCES"]],
+        extra_compile_args=[*BUILD["CFLAGS"], *openmp],
         extra_link_args=openmp,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,89 +1,251 @@
-"""Sampler timing for ``l2m-fast bench``: the fused op against batched PyTorch, the naive loop and a copy.
+"""The benchmark harness: how every l2m_fast figure is timed, what its bandwidth means, how its machine is named.
 
-All variants draw S samples of a P-parameter diagonal Gaussian with precision ``a * v + b`` (the
-standard deviation computed inside each timed call, as the fused op does). The ``copy_`` row writes
-the same output bytes from a same-sized source, the memory-bound floor on this device.
+``l2m-fast bench`` and every script under ``benchmarks/`` use this module, so their tables agree:
+
+* **Timing** (:func:`time_interleaved`). Each callable runs once untimed (first-call costs: allocation,
+  page faults, JIT compilation, autotuning), then all of them are timed round after round, interleaved,
+  so that load from other processes hits every method alike and ratios come from one run. In a round a
+  callable runs ``inner`` times back to back, ``inner`` chosen from its warm-up so that one measurement
+  lasts at least ``min_time_s`` (short calls are not dominated by timer and launch overhead); the round
+  records the mean time per call. On CUDA the device is synchronised before and after a measurement.
+  The figure reported is the **median over rounds**; the minimum is kept too.
+* **Bandwidth** (:func:`gbs`): bytes read plus bytes written by the operation, divided by its time, in
+  GB/s (1e9 bytes). The sampler reads theta and v once and writes S rows, :func:`sampler_bytes`
+  ``= 8 P + S P itemsize``; a copy of n bytes moves ``2 n``. "Of copy" is a method's GB/s over a
+  same-run copy's (:func:`copy_gbs`), the memory-bound ceiling of the device.
+* **Labels**: :func:`machine_label` (CPU model and threads, or GPU name; torch and Triton versions),
+  :func:`run_header` (device, UTC date, commit, load average) and :func:`sampler_backend`, which names
+  the implementation that actually ran (read back from the op after a call), not what is registered.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 import platform
 import statistics
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .ops import sample_diag_gaussian
+from .ops import kernel_ran, sample_diag_gaussian
 
-__all__ = ["device_label", "sampler_backend", "bench_sampler", "format_bench"]
+__all__ = [
+    "Timing",
+    "time_interleaved",
+    "sampler_bytes",
+    "gbs",
+    "copy_gbs",
+    "machine_label",
+    "commit_label",
+    "run_header",
+    "sampler_backend",
+    "bench_sampler",
+    "format_bench",
+]
+
+_ROOT = Path(__file__).resolve().parents[1]
 
 
-def device_label(device: torch.device) -> str:
-    """A human label of the device: GPU name, or CPU model and thread count, and the torch version."""
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times of one callable, one per round, in seconds.
+
+    Attributes:
+        times: the mean time per call in each round.
+        inner: calls per round.
+    """
+
+    times: tuple[float, ...]
+    inner: int
+
+    @property
+    def median(self) -> float:
+        """The figure to report: the median over rounds."""
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-        except OSError:
-            pass
-        name = f"{name}, {torch.get_num_threads()} thread(s)"
-    return f"{name}; torch {torch.__version__}"
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
-def sampler_backend(device: torch.device) -> str:
-    """Which implementation of ``l2m_fast::sample_diag_gaussian_out`` serves ``device``."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    if torch._C._dispatch_has_kernel_for_dispatch_key("l2m_fast::sample_diag_gaussian_out", key):
-        return f"compiled {key} kernel"
-    return "pure-PyTorch reference (no device kernel registered)"
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    rounds: int = 5,
+    min_time_s: float | None = None,
+    slow_s: float = 1.0,
+    slow_rounds: int = 3,
+) -> dict[str, Timing]:
+    """Times callables the same way for every table (see the module docstring).
 
+    Args:
+        fns: label -> zero-argument callable.
+        device: where they run (CUDA is synchronised around each measurement). Default CPU.
+        rounds: timed rounds. Default 5.
+        min_time_s: shortest measurement; a faster callable runs several times per round. Default
+            None: 1 ms on CUDA (launch overhead), 0 on the CPU (one call per round).
+        slow_s: a callable whose warm-up took longer than this ...
+        slow_rounds: ... is timed in this many rounds only (the reference sampler on the CPU).
 
-def _time(fn: Callable[[], object], device: torch.device, repeats: int, slow_s: float = 1.0) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t0 = time.perf_counter()
-    fn()  # warm-up (first-call costs, allocator, page faults of the out buffer)
-    sync()
-    if time.perf_counter() - t0 > slow_s:
-        repeats = min(repeats, 3)  # a slow variant (the reference sampler on CPU): median of at most 3
-    times = []
-    for _ in range(repeats):
+    Returns:
+        label -> :class:`Timing`.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    dev = torch.device(device)
+    sync = _sync(dev)
+    if min_time_s is None:
+        min_time_s = 1e-3 if dev.type == "cuda" else 0.0
+    inner: dict[str, int] = {}
+    for label, fn in fns.items():
+        sync()
         t0 = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        warm = time.perf_counter() - t0
+        inner[label] = 1 if warm >= min_time_s else min(1000, max(1, int(min_time_s / max(warm, 1e-7)) + 1))
+        if warm > slow_s:
+            inner[label] = -1  # marks a slow callable: fewer rounds
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for r in range(rounds):
+        for label, fn in fns.items():
+            n = inner[label]
+            if n < 0 and r >= slow_rounds:
+                continue
+            n = max(n, 1)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            times[label].append((time.perf_counter() - t0) / n)
+    return {label: Timing(tuple(ts), max(inner[label], 1)) for label, ts in times.items()}
+
+
+def sampler_bytes(num_elements: int, num_samples: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the fused sampler moves: theta and v read once (float32), S rows of P written."""
+    return 8 * num_elements + num_samples * num_elements * torch.empty((), dtype=dtype).element_size()
+
+
+def gbs(nbytes: float, seconds: float) -> float:
+    """Bandwidth in GB/s (1e9 bytes per second) of ``nbytes`` read plus written in ``seconds``."""
+    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+def copy_gbs(nbytes: int, device: torch.device | str = "cpu", rounds: int = 5) -> float:
+    """A same-run copy's bandwidth: ``dst.copy_(src)`` of ``nbytes`` (counted ``2 * nbytes``), warm buffers.
+
+    Args:
+        nbytes: bytes copied (the output size of the operation it is compared with).
+        device: where.
+        rounds: timed rounds (median).
+    """
+    n = max(nbytes // 4, 1)
+    src = torch.ones(n, device=device)
+    dst = torch.zeros_like(src)
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device=device, rounds=rounds)["copy"].median
+    return gbs(2 * 4 * n, t)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_label(device: torch.device | str = "cpu") -> str:
+    """The device in words: GPU name, or CPU model with its logical CPUs and torch threads; torch/Triton versions."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = f"{_cpu_model()}, {os.cpu_count()} logical CPU(s), {torch.get_num_threads()} torch thread(s)"
+    versions = f"torch {torch.__version__}"
+    try:
+        import triton
+
+        versions += f", triton {triton.__version__}"
+    except ImportError:
+        pass
+    return f"{name}; {versions}"
+
+
+def commit_label() -> str:
+    """The git commit of the l2m_fast checkout in use (``+dirty`` with uncommitted changes), or "not a git checkout"."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        if not sha:
+            return "not a git checkout"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+
+
+def run_header(device: torch.device | str = "cpu") -> str:
+    """One line for the top of a table: machine, UTC date, commit, load average."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return f"device: {machine_label(device)}; date: {now}; commit: {commit_label()}; load average: {load}"
+
+
+def sampler_backend(device: torch.device | str = "cpu") -> str:
+    """The implementation that serves ``l2m_fast::sample_diag_gaussian_out`` on ``device``, from a call.
+
+    Draws one tiny sample on ``device`` and reads back which kernel ran (``l2m_fast.ops.kernel_ran``).
+    """
+    dev = torch.device(device)
+    theta = torch.zeros(4, device=dev)
+    sample_diag_gaussian(theta, theta, 1, validate=False, b=1.0)
+    return kernel_ran(dev.type) or "unknown"
 
 
 def bench_sampler(
     params: int = 1_000_000, samples: int = 16, *, repeats: int = 5, device: str | None = None, seed: int = 0
 ) -> tuple[list[dict[str, object]], str]:
-    """Times the sampler variants; each row is the median of ``repeats`` calls after one warm-up.
-
-    A variant whose warm-up call takes over a second is timed at most 3 times.
+    """The fused sampler against batched PyTorch, the naive loop and a copy, timed by :func:`time_interleaved`.
 
     Args:
         params: P, parameters. Default 1e6.
         samples: S, samples. Default 16.
-        repeats: timed calls per variant. Default 5.
+        repeats: timed rounds (the median is reported). Default 5.
         device: ``"cpu"``, ``"cuda"`` or None (cuda when available).
         seed: seed of the inputs and the sampler.
 
     Returns:
-        Rows with ``variant``, ``ms``, ``vs_fused`` (time / fused-into-out time), ``gb_s`` (output bytes
-        ``S * P * 4`` per second) and ``of_copy`` (copy time / variant time), and the header line.
+        Rows with ``variant``, ``ms`` (median), ``vs_fused`` (time / fused-into-out time), ``gb_s``
+        (:func:`sampler_bytes` / time) and ``of_copy`` (that over the same-run copy's GB/s), and a header.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     g = torch.Generator(device="cpu").manual_seed(seed)
     theta = torch.randn(params, generator=g).to(dev)
     v = torch.rand(params, generator=g).to(dev) * 1e-3
     a, b = 1.0, 10.0
-    out = torch.empty(samples, params, device=dev)
-    src = torch.randn(samples, params, generator=g).to(dev)
+    out = torch.zeros(samples, params, device=dev)
+    src = torch.ones(samples, params, device=dev)
 
     def fused_out() -> Tensor:
         return sample_diag_gaussian(theta, v, samples, a=a, b=b, seed=seed, out=out, validate=False)
@@ -99,29 +261,27 @@ def bench_sampler(
         sigma = torch.rsqrt(a * v + b)
         return [theta + sigma * torch.randn(params, device=dev) for _ in range(samples)]
 
-    variants: list[tuple[str, Callable[[], object]]] = [
-        ("fused op, out= (warm buffer)", fused_out),
-        ("fused op, allocating", fused_alloc),
-        ("PyTorch batched randn(S,P)*sigma+theta", batched),
-        ("naive per-sample loop", loop),
-        ("copy_ of the output bytes", lambda: out.copy_(src)),
-    ]
-    times = {name: _time(fn, dev, repeats) for name, fn in variants}
-    ref, floor = times[variants[0][0]], times[variants[-1][0]]
-    nbytes = samples * params * 4
-    rows = [
-        {
-            "variant": name,
-            "ms": t * 1e3,
-            "vs_fused": t / ref,
-            "gb_s": nbytes / t / 1e9,
-            "of_copy": floor / t,
-        }
-        for name, t in times.items()
-    ]
+    copy_label = "copy_ of the output bytes"
+    variants = {
+        "fused op, out= (warm buffer)": fused_out,
+        "fused op, allocating": fused_alloc,
+        "PyTorch batched randn(S,P)*sigma+theta": batched,
+        "naive per-sample loop": loop,
+        copy_label: lambda: out.copy_(src),
+    }
+    backend = sampler_backend(dev)
+    timings = time_interleaved(variants, device=dev, rounds=repeats)
+    ref = timings["fused op, out= (warm buffer)"].median
+    moved = sampler_bytes(params, samples)
+    copy_rate = gbs(2 * samples * params * 4, timings[copy_label].median)
+    rows = []
+    for name, t in timings.items():
+        rate = gbs(2 * samples * params * 4, t.median) if name == copy_label else gbs(moved, t.median)
+        ms, vs = t.median * 1e3, t.median / ref
+        rows.append({"variant": name, "ms": ms, "vs_fused": vs, "gb_s": rate, "of_copy": rate / copy_rate})
     header = (
-        f"sampler, P={params:,}, S={samples}, float32 out, median of {repeats} (at most 3 for variants over 1 s); "
-        f"device: {device_label(dev)}; fused op backend: {sampler_backend(dev)}"
+        f"sampler, P={params:,}, S={samples}, float32 out, median of {repeats} interleaved rounds; "
+        f"{run_header(dev)}; fused op backend: {backend}"
     )
     return rows, header
 
@@ -131,9 +291,9 @@ def format_bench(rows: list[dict[str, object]], header: str) -> str:
     lines = [
         header,
         "",
-        "| variant | ms | time / fused out= | output GB/s | copy time / time |",
+        "| variant | ms (median) | time / fused out= | GB/s (read + written) | of copy |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['ms']:.2f} | {r['vs_fused']:.2f} | {r['gb_s']:.2f} | {r['of_copy']:.2f} |")
+        lines.append(f"| {r['variant']} | {r['ms']:.3f} | {r['vs_fused']:.2f} | {r['gb_s']:.2f} | {r['of_copy']:.2f} |")
     return "\n".join(lines)

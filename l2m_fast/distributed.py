@@ -1,6 +1,6 @@
 """Sharded posteriors on ``torch.distributed``: DTensor / FSDP2 parameters, sampled locally.
 
-The sampling contract (DESIGN section 3) makes each element's sample a function of ``(seed, global
+The sampling contract (:mod:`l2m_fast.ops.reference`) makes each element's sample a function of ``(seed, global
 flat index, sample index)`` only. A rank that holds a shard of a parameter therefore draws exactly the
 elements one process would draw for the unsharded model, with no communication, if it knows the global
 flat index of each of its local elements. This module computes those indices.

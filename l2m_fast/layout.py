@@ -1,8 +1,9 @@
 """Flat layout of a posterior's parameters: name -> (offset, shape), and views between the two.
 
-The posterior covers some of a model's parameters in one global flat order (DESIGN section 3): the
-model's ``named_parameters()`` order, each tensor flattened row-major. A batch of S samples is one
-``(S, P)`` tensor; each parameter's samples are zero-copy ``(S, *shape)`` views into it.
+The posterior covers some of a model's parameters in one global flat order (the sampling contract of
+:mod:`l2m_fast.ops.reference`): the model's ``named_parameters()`` order, each tensor flattened
+row-major. A batch of S samples is one ``(S, P)`` tensor; each parameter's samples are zero-copy
+``(S, *shape)`` views into it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Variance modes: per-parameter ``(a, b)`` of the precision ``a * v + b`` (DESIGN section 4).
+"""Variance modes: per-parameter ``(a, b)`` of the precision ``a * v + b``.
 
 ``v`` is the second moment as the optimizer stores it; ``v_hat = scale * v + shift`` corrects it
 (:mod:`l2m_fast.optim`), and the correction is folded into ``(a, b)`` so the kernel stays one formula.

@@ -1,7 +1,7 @@
 """Second moments out of ``torch.optim`` state, from a live optimizer or its ``state_dict``.
 
 Each supported optimizer keeps a running estimate of the squared gradient. We read it as it is
-stored and describe its correction as ``v_hat = scale * v + shift`` (DESIGN section 4), so the
+stored and describe its correction as ``v_hat = scale * v + shift`` (:mod:`l2m_fast.modes`), so the
 sampler can fold the correction into its per-segment ``(a, b)`` and never copy ``v`` twice:
 
 ========================  =============  ==========================================================

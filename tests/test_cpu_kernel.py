@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 
+from l2m_fast._env import env_flag
 from l2m_fast.ops import cpu as cpu_backend
 from l2m_fast.ops.reference import normals_ref, philox4x32_ref, sample_diag_gaussian_ref
 from l2m_fast.ops.sample import sample_diag_gaussian, sample_diag_gaussian_out
@@ -73,7 +74,7 @@ def _assert_close_to_ref(out: torch.Tensor, ref32: torch.Tensor, theta, v, a, b,
 def test_compiled_kernel_in_use() -> None:
     kind = cpu_backend.backend()
     assert kind in ("compiled", "jit", "reference")
-    if os.environ.get("L2M_FAST_REQUIRE_COMPILED", "") not in ("", "0"):
+    if env_flag("L2M_FAST_REQUIRE_COMPILED"):
         assert kind == "compiled", f"backend is {kind!r}: {cpu_backend.backend_detail()}"
 
 

@@ -14,7 +14,6 @@ the first call (or on :func:`backend`), in this order:
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 import warnings
 from pathlib import Path
@@ -23,26 +22,26 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from .._build_config import CFLAGS, KERNEL_SOURCES
+from .._env import env_flag
 from .reference import sample_diag_gaussian_ref
-from .sample import sample_diag_gaussian_out
+from .sample import record_ran, sample_diag_gaussian_out
 
 __all__ = ["backend", "backend_detail", "load_ops"]
 
 _ENV_FORCE_REFERENCE = "L2M_FAST_FORCE_REFERENCE"
 _JIT_NAME = "l2m_fast_cpu_jit"
-_SOURCES = ("sampler_op.cpp", "sampler_kernels.cpp")
-# Keep in step with setup.py. -ffp-contract=off: every ISA path gives the same bits.
-_CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
 
 _lock = threading.Lock()
-_state: SimpleNamespace | None = None  # kind: "compiled" | "jit" | "reference"; detail: why; ops
+_state: SimpleNamespace | None = None  # kind: "compiled" | "jit" | "reference"; detail: why; ops; label
+_ISA_NAMES = {0: "x86-64", 1: "avx2", 2: "avx512"}
 
 
 def _source_dir() -> Path | None:
     """Where the C++ sources are: shipped in the package (``_csrc``) or the source tree (``csrc``)."""
     here = Path(__file__).resolve().parent
     for d in (here.parent / "_csrc", here.parents[1] / "csrc"):
-        if all((d / f).is_file() for f in _SOURCES):
+        if all((d / f).is_file() for f in KERNEL_SOURCES):
             return d
     return None
 
@@ -70,8 +69,8 @@ def _try_jit() -> str | None:
         openmp = ["-fopenmp"] if torch._C.has_openmp else []
         load(
             name=_JIT_NAME,
-            sources=[str(src / f) for f in _SOURCES],
-            extra_cflags=_CFLAGS + openmp,
+            sources=[str(src / f) for f in KERNEL_SOURCES],
+            extra_cflags=[*CFLAGS, *openmp],
             extra_ldflags=openmp,
             is_python_module=False,
             verbose=False,
@@ -83,18 +82,27 @@ def _try_jit() -> str | None:
     return None
 
 
+def _loaded(kind: str, detail: str) -> SimpleNamespace:
+    _register_fakes()
+    ops = torch.ops.l2m_fast_cpu
+    how = "built at install" if kind == "compiled" else "JIT-compiled"
+    label = f"C++ kernel ({how}, {_ISA_NAMES.get(int(ops.best_isa()), '?')})"
+    return SimpleNamespace(kind=kind, detail=detail, ops=ops, label=label)
+
+
+def _reference(detail: str) -> SimpleNamespace:
+    return SimpleNamespace(kind="reference", detail=detail, ops=None, label=f"pure-PyTorch reference ({detail})")
+
+
 def _load() -> SimpleNamespace:
-    if os.environ.get(_ENV_FORCE_REFERENCE, "") not in ("", "0"):
-        return SimpleNamespace(kind="reference", detail=f"{_ENV_FORCE_REFERENCE} is set", ops=None)
+    if env_flag(_ENV_FORCE_REFERENCE):
+        return _reference(f"{_ENV_FORCE_REFERENCE} is set")
     why_compiled = _try_compiled()
     if why_compiled is None:
-        _register_fakes()
-        return SimpleNamespace(kind="compiled", detail="l2m_fast._C built at install", ops=torch.ops.l2m_fast_cpu)
+        return _loaded("compiled", "l2m_fast._C built at install")
     why_jit = _try_jit()
     if why_jit is None:
-        _register_fakes()
-        detail = f"JIT-compiled from csrc/ with ninja because {why_compiled}"
-        return SimpleNamespace(kind="jit", detail=detail, ops=torch.ops.l2m_fast_cpu)
+        return _loaded("jit", f"JIT-compiled from csrc/ with ninja because {why_compiled}")
     detail = f"{why_compiled}; {why_jit}"
     warnings.warn(
         f"l2m_fast: the fused CPU sampler is unavailable, using the slow PyTorch reference. Why: {detail}. "
@@ -103,7 +111,7 @@ def _load() -> SimpleNamespace:
         RuntimeWarning,
         stacklevel=3,
     )
-    return SimpleNamespace(kind="reference", detail=detail, ops=None)
+    return _reference(detail)
 
 
 def _get() -> SimpleNamespace:
@@ -143,7 +151,9 @@ def _sample_diag_gaussian_out_cpu(
     out: Tensor,
 ) -> None:
     """CPU kernel of the op: the fused C++ sampler (shapes as in ``sample_diag_gaussian_out``)."""
-    ops = _get().ops
+    state = _get()
+    record_ran("cpu", state.label)
+    ops = state.ops
     if ops is None:
         sample_diag_gaussian_ref(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
     else:

@@ -1,19 +1,33 @@
 """The sampling contract in plain PyTorch: the spec, the test oracle and the last-resort fallback.
 
-Every backend (C++ on CPU, Triton on GPU) must reproduce :func:`sample_diag_gaussian_ref`: the same
-Philox4x32-10 words bit for bit and the same normal draws to a few float32 ulp. See DESIGN section 3.
+**The sampling contract.** Every backend (C++ on CPU, Triton on GPU, this reference) computes the same
+thing. A posterior covers P scalar parameters in one *global flat order*: the covered parameters in the
+model's ``named_parameters()`` order, each tensor flattened row-major with its whole (unsharded) shape,
+so a shard's elements keep the indices they have in the whole tensor. For element ``i`` (int64),
+sample ``s`` (``0 <= s < 2^32``) and a 64-bit ``seed``:
 
-Element ``i`` (global flat index) and sample ``s`` with a 64-bit ``seed``:
+1. Philox4x32-10 (Salmon et al. 2011; the generator of cuRAND, Random123 and Triton's ``tl.philox``)
+   with key ``(seed & 0xFFFFFFFF, seed >> 32)`` and counter ``(i & 0xFFFFFFFF, i >> 32, s >> 2, 0)``
+   gives four 32-bit words ``r0, r1, r2, r3``. Known answers (Random123): key (0, 0), counter
+   (0, 0, 0, 0) -> 6627e8d5 e169c58d bc57ac4c 9b00dbd8; key (ffffffff, ffffffff), counter all
+   ffffffff -> 408f276d 41c83b0e a20bc7c6 6d5451fd; key (a4093822, 299f31d0), counter (243f6a88,
+   85a308d3, 13198a2e, 03707344) -> d16cfe09 94fdcceb 5001e420 24126ea1.
+2. Uniforms, exact in float32: ``ua = ((r0 >> 8) + 1) * 2^-24`` in (0, 1], ``ub = (r1 >> 8) * 2^-24``
+   in [0, 1); likewise ``uc, ud`` from ``r2, r3``.
+3. Box-Muller: ``rad = sqrt(-2 ln ua)``; ``z(4k) = rad cos(2 pi ub)``, ``z(4k+1) = rad sin(2 pi ub)``;
+   ``z(4k+2), z(4k+3)`` the same from ``uc, ud``. One Philox call serves four samples of one element.
+4. ``sigma_i = 1 / sqrt(a_g v_i + b_g)`` in float32, ``(a_g, b_g)`` the coefficients of the segment
+   ``g`` holding element i; ``out[s, i] = theta_i + sigma_i * z(s, i)`` computed in float32 and rounded
+   once to the output dtype (float32, bfloat16 or float16).
 
-* Philox4x32-10, key ``(seed & 0xFFFFFFFF, seed >> 32)``, counter ``(i lo, i hi, s >> 2, 0)``
-  gives words ``r0..r3``;
-* ``ua = ((r0 >> 8) + 1) * 2^-24``, ``ub = (r1 >> 8) * 2^-24`` (likewise ``uc, ud`` from ``r2, r3``);
-* Box-Muller: ``z(4k) = sqrt(-2 ln ua) cos(2 pi ub)``, ``z(4k+1) = ... sin(2 pi ub)``, ``z(4k+2), z(4k+3)``
-  the same from ``uc, ud``;
-* ``out[s, i] = theta_i + z / sqrt(a_g * v_i + b_g)`` in float32, rounded once to the output dtype.
+Consequences every backend's tests pin down: a sample depends only on ``(seed, i, s)``, so it is the
+same whatever the chunking of samples (``sample_offset``), the subset or shard of elements
+(``element_offset``), the block size, the thread count and the device. Backends agree on the Philox
+words exactly and on ``z`` to a few float32 ulp (their transcendentals differ; each backend states
+its bound); ``|z| <= sqrt(-2 ln 2^-24) ~= 5.77`` by construction.
 
-Integer arithmetic is done in int64 tensors holding unsigned 32-bit values, so the reference runs on
-any device PyTorch supports.
+Integer arithmetic here is done in int64 tensors holding unsigned 32-bit values, so the reference runs
+on any device PyTorch supports.
 """
 
 from __future__ import annotations

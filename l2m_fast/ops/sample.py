@@ -28,12 +28,29 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from .reference import sample_diag_gaussian_ref
 from .triton_kernel import HAS_TRITON, sample_diag_gaussian_triton
 
-__all__ = ["sample_diag_gaussian", "sample_diag_gaussian_out", "OUTPUT_DTYPES", "MAX_SAMPLES"]
+__all__ = ["sample_diag_gaussian", "sample_diag_gaussian_out", "OUTPUT_DTYPES", "MAX_SAMPLES", "kernel_ran"]
 
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_SAMPLES = 1 << 32  # sample indices are 32-bit (counter word 2 holds s >> 2)
 _MAX_INDEX = (1 << 63) - 1
 _U64 = 1 << 64
+
+
+_RAN: dict[str, str] = {}  # device type -> label of the implementation that served the op's last call there
+
+
+def record_ran(device_type: str, label: str) -> None:
+    """Called by each implementation of the op as it runs (see :func:`kernel_ran`)."""
+    _RAN[device_type] = label
+
+
+def kernel_ran(device_type: str) -> str | None:
+    """Which implementation served the op's last eager call on ``device_type`` (``"cpu"``, ``"cuda"``).
+
+    Labels such as ``"C++ kernel (built at install, avx512)"``, ``"Triton"`` or ``"pure-PyTorch
+    reference"``; None before the first call. Benchmarks read it so that a table names what ran.
+    """
+    return _RAN.get(device_type)
 
 
 def _check_metadata(
@@ -79,8 +96,10 @@ def _impl(
 ) -> None:
     _check_metadata(theta, v, a, b, bounds, sample_offset, element_offset, out)
     if out.device.type == "cuda" and HAS_TRITON:
+        record_ran("cuda", "Triton")
         sample_diag_gaussian_triton(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
     else:
+        record_ran(out.device.type, "pure-PyTorch reference")
         sample_diag_gaussian_ref(theta, v, a, b, bounds, seed, sample_offset, element_offset, out)
 
 
@@ -228,8 +247,8 @@ def sample_diag_gaussian(
 ) -> Tensor:
     """Draws ``out[s, j] = theta_j + z(seed, element_offset + j, sample_offset + s) / sqrt(a_g v_j + b_g)``.
 
-    The generic fused sampler of DESIGN section 3: any diagonal Gaussian whose precision is
-    ``a * v + b`` per segment of elements. Samples depend only on ``(seed, global index, sample
+    The generic fused sampler of the sampling contract (:mod:`l2m_fast.ops.reference`): any diagonal
+    Gaussian whose precision is ``a * v + b`` per segment of elements. Samples depend only on ``(seed, global index, sample
     index)``, so chunks of samples or of elements drawn separately agree with one draw of the whole.
 
     Args:

@@ -1,4 +1,4 @@
-"""Fused Triton sampler: one launch writes all S samples of all P elements (DESIGN section 3).
+"""Fused Triton sampler: one launch writes all S samples of all P elements (contract: :mod:`l2m_fast.ops.reference`).
 
 Each program owns ``BLOCK`` consecutive elements: it loads ``theta`` and ``v`` once, finds each
 element's segment by a branch-free binary search over ``bounds``, computes

@@ -5,7 +5,7 @@ of every tensor ``k`` into its own output ``outs[k]`` (often the parameter itsel
 kernel launch, however many tensors there are. A small int64 table holds, per tensor, the data
 pointers of ``theta_k``, ``v_k`` and ``out_k``, its global element offset and its group; the launch
 runs over the concatenation of all tensors and each element finds its tensor by a binary search over
-the cumulative starts. Samples follow the contract of DESIGN section 3 exactly as the flat op does:
+the cumulative starts. Samples follow the sampling contract (:mod:`l2m_fast.ops.reference`) exactly as the flat op does:
 element ``e`` of tensor ``k`` has global index ``element_offsets[k] + e``.
 
 Eager only: the table holds raw data pointers, which ``torch.compile`` cannot trace (the function
