@@ -248,8 +248,9 @@ def sample_diag_gaussian(
     """Draws ``out[s, j] = theta_j + z(seed, element_offset + j, sample_offset + s) / sqrt(a_g v_j + b_g)``.
 
     The generic fused sampler of the sampling contract (:mod:`l2m_fast.ops.reference`): any diagonal
-    Gaussian whose precision is ``a * v + b`` per segment of elements. Samples depend only on ``(seed, global index, sample
-    index)``, so chunks of samples or of elements drawn separately agree with one draw of the whole.
+    Gaussian whose precision is ``a * v + b`` per segment of elements. Samples depend only on
+    ``(seed, global index, sample index)``, so chunks of samples or of elements drawn separately agree
+    with one draw of the whole.
 
     Args:
         theta: (P,) float32 mean; other shapes are flattened, non-contiguous input is copied.
