@@ -3,7 +3,7 @@
 from . import ops
 from ._version import __version__
 from .ensemble import L2MEnsemble
-from .inplace import ParamBinding, SampleIterator, SampleWriter
+from .inplace import InPlaceOrderError, ModelInUseError, ParamBinding, SampleIterator, SampleWriter
 from .layout import FlatLayout, ParamSlot
 from .posterior import L2MPosterior, SampleBatch
 from .predictive import ClassificationPrediction, PredictPlan, RegressionPrediction, plan_predict, predict
@@ -17,6 +17,8 @@ __all__ = [
     "ParamBinding",
     "SampleWriter",
     "SampleIterator",
+    "InPlaceOrderError",
+    "ModelInUseError",
     "RegressionPrediction",
     "ClassificationPrediction",
     "PredictPlan",

@@ -1,40 +1,213 @@
-"""Writing posterior samples into a model's live parameters, one sampler call each, with exact restore.
+"""Posterior samples in a model's live parameters, one sampler call each, restored exactly whatever happens.
 
-The trick is to *bind* rather than copy: for the duration of a context each covered parameter's
-``.data`` is pointed at a view of one flat work buffer (or of a row of a sample batch). The sampler
-writes a whole sample into that buffer in one call, so a sample reaches the live parameters with one
-kernel launch and no per-tensor copies. The original tensors are never written: restoring is pointing
-``.data`` back at them, which is bit-for-bit exact by construction and costs nothing.
+**Binding, not copying.** For the duration of a context each covered parameter's ``.data`` is pointed
+at a view of one flat work buffer. The sampler writes a whole sample into that buffer in one call
+(:meth:`L2MPosterior.sample_into`), so a sample reaches the live parameters with one kernel launch and no
+per-tensor copies. The original tensors are never written: restoring is pointing ``.data`` back at them,
+bit-for-bit exact by construction. The ``nn.Parameter`` objects keep their identity (an optimizer or a
+hook holding them still sees them); only their storage changes while bound, and anything written into
+them meanwhile (an optimizer step, say) is discarded at restore. The work buffer is kept per posterior
+and reused by the next context, so a context allocates nothing after the first. Code that caches a
+parameter's *storage* rather than the parameter (``torch.compile`` graphs specialised on data pointers)
+does not see the sample; ordinary ``nn.Module`` forwards do.
 
-The ``nn.Parameter`` objects keep their identity (an optimizer or a hook holding them still sees
-them); only their storage changes while bound. Peak extra memory is one work buffer, one copy of the
-covered parameters, whatever the number of samples drawn. Anything written into the parameters while
-they are bound (an optimizer step, say) is discarded at restore.
+**Sharded parameters** (FSDP2 / DTensor, ``post.is_sharded``) cannot be rebound: FSDP2 all-gathers from
+its own copy of each shard. There the sample is *copied* into each rank's local shards (FSDP2 modules
+resharded first) and the shards are copied back from a backup on exit. Every rank must enter the same
+contexts and run the same forwards (the forward communicates; nothing here does).
 
-Caveat: code that caches a parameter's *storage* rather than the parameter (a module that copied its
-weight into a buffer at construction, ``torch.compile`` graphs specialised on data pointers) does not
-see the bound sample; ordinary ``nn.Module`` forwards read the parameter and do. In-place contexts on
-one model must be left in the reverse order they were entered (``with`` blocks do that): each restores
-what the parameters held when it was entered.
+**Any order of exits.** Each context is a *frame* on a stack kept per parameter: it records what the
+parameter held when it was entered (the originals, or an outer context's sample). A context that exits
+out of order (an iterator closed inside a later ``sampled()`` block, two iterators zipped together) hands
+what it saved to the context above it, so when the last one exits the originals are back, never a stale
+sample. Writing a new sample from a context that is not the innermost one for its parameters would put
+values under another context's feet; it raises :class:`InPlaceOrderError` instead (the weights are still
+restored on exit).
+
+**Threads.** A model's parameters belong to one thread while any in-place context or predictive uses
+them: another thread that tries raises :class:`ModelInUseError` (nothing is changed, nothing is lost).
+Use one model per thread (``copy.deepcopy``) to sample from several threads at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .layout import FlatLayout
-from .modes import restrict_segments
-from .ops.sample import OUTPUT_DTYPES, sample_diag_gaussian
+from .ops.sample import OUTPUT_DTYPES
+from .sharding import local_box, reshard_fsdp
 
 if TYPE_CHECKING:
     from .posterior import L2MPosterior
 
-__all__ = ["ParamBinding", "SampleWriter", "SampleIterator"]
+__all__ = [
+    "InPlaceOrderError",
+    "ModelInUseError",
+    "ParamBinding",
+    "SampleWriter",
+    "SampleIterator",
+    "sampled",
+    "claim",
+    "free_work_buffers",
+]
+
+
+class InPlaceOrderError(RuntimeError):
+    """A context wrote a sample while a context entered after it still holds the same parameters."""
+
+
+class ModelInUseError(RuntimeError):
+    """Another thread holds the parameters (an in-place context or a predictive is using them)."""
+
+
+# ------------------------------------------------------------------------------ frames, stacks, owners
+
+
+class _Frame:
+    """One context's hold on some parameters: what each held before, and how to put it back.
+
+    Args:
+        params: name -> parameter.
+        capture: what to save of a parameter before the frame changes it.
+        put_back: restores a parameter from what was saved.
+        before_restore: called once before the frame restores anything (FSDP2: reshard).
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        capture: Callable[[nn.Parameter], Tensor],
+        put_back: Callable[[nn.Parameter, Tensor], None],
+        before_restore: Callable[[], None] | None = None,
+    ) -> None:
+        self.params = dict(params)
+        self.capture = capture
+        self.put_back = put_back
+        self.before_restore = before_restore
+        self.saved: dict[int, Tensor] = {}
+        self.active = False
+
+
+class _Holds:
+    """Frames and claims on one parameter, and the thread they belong to."""
+
+    __slots__ = ("frames", "claims", "owner", "param")
+
+    def __init__(self, param: nn.Parameter) -> None:
+        self.frames: list[_Frame] = []
+        self.claims = 0
+        self.owner: int | None = None
+        self.param = param
+
+
+_LOCK = threading.RLock()
+_HOLDS: dict[int, _Holds] = {}  # id(parameter) -> its holds, present only while held
+
+
+def _acquire(params: Iterable[tuple[str, nn.Parameter]], me: int) -> list[_Holds]:
+    """The holds of each parameter, all owned by thread ``me`` (raises before changing anything)."""
+    found = []
+    for name, p in params:
+        h = _HOLDS.get(id(p))
+        if h is not None and h.owner not in (None, me):
+            raise ModelInUseError(
+                f"parameter {name!r} is held by another thread (an in-place sample or a predictive is using it): "
+                "use one model per thread (copy.deepcopy(model)), or serialise the calls with a lock"
+            )
+        found.append(h)
+    out = []
+    for (_, p), h in zip(params, found):
+        if h is None:
+            h = _HOLDS[id(p)] = _Holds(p)
+        h.owner = me
+        out.append(h)
+    return out
+
+
+def _release(h: _Holds) -> None:
+    if not h.frames and not h.claims:
+        h.owner = None
+        _HOLDS.pop(id(h.param), None)
+
+
+def _push(frame: _Frame) -> None:
+    with _LOCK:
+        holds = _acquire(list(frame.params.items()), threading.get_ident())
+        for (_, p), h in zip(frame.params.items(), holds):
+            frame.saved[id(p)] = frame.capture(p)
+            h.frames.append(frame)
+        frame.active = True
+
+
+def _require_innermost(frame: _Frame) -> None:
+    with _LOCK:
+        for name, p in frame.params.items():
+            h = _HOLDS[id(p)]
+            if h.frames[-1] is not frame:
+                raise InPlaceOrderError(
+                    f"parameter {name!r} holds a sample of an in-place context entered after this one (a sampled() "
+                    "block or another iterator over the same model): leave or close that one before drawing here; "
+                    "the weights are restored whatever the order of exits"
+                )
+
+
+def _pop(frame: _Frame) -> None:
+    """Ends a frame: an innermost frame restores what it saved, another hands it to the frame above."""
+    with _LOCK:
+        if not frame.active:
+            return
+        frame.active = False
+        innermost = [p for p in frame.params.values() if _HOLDS[id(p)].frames[-1] is frame]
+        if innermost and frame.before_restore is not None:
+            frame.before_restore()
+        for p in frame.params.values():
+            h = _HOLDS[id(p)]
+            i = next(k for k, f in enumerate(h.frames) if f is frame)
+            saved = frame.saved.pop(id(p))
+            if i == len(h.frames) - 1:
+                frame.put_back(p, saved)
+            else:  # the frame above replaced what we bound: it must put back what we found
+                h.frames[i + 1].saved[id(p)] = saved
+            del h.frames[i]
+            _release(h)
+
+
+@contextlib.contextmanager
+def claim(params: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """Holds parameters for this thread without changing them (the batched predictive's ``functional_call``).
+
+    Raises:
+        ModelInUseError: another thread holds one of them.
+    """
+    me = threading.get_ident()
+    with _LOCK:
+        holds = _acquire(list(params.items()), me)
+        for h in holds:
+            h.claims += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            for h in holds:
+                h.claims -= 1
+                _release(h)
+
+
+# ------------------------------------------------------------------------------------------- binding
+
+
+def _data(p: nn.Parameter) -> Tensor:
+    return p.data
+
+
+def _set_data(p: nn.Parameter, t: Tensor) -> None:
+    p.data = t
 
 
 class ParamBinding:
@@ -43,17 +216,17 @@ class ParamBinding:
     Args:
         params: name -> the live parameter.
 
-    Use as a context manager: the originals are restored on exit, on exceptions too.
+    The first :meth:`bind` enters the binding (a frame on the parameters' stacks, see the module doc);
+    later binds rebind while it is the innermost. Use as a context manager: the originals are restored
+    on exit, on exceptions too, whatever the order in which nested bindings end.
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter]) -> None:
         self.params = dict(params)
-        self._originals: dict[str, Tensor] | None = None
+        self._frame = _Frame(self.params, _data, _set_data)
 
     def bind(self, tensors: Mapping[str, Tensor]) -> None:
-        """Points each parameter at ``tensors[name]`` (same shape and dtype; views are kept, not copied)."""
-        if self._originals is None:
-            self._originals = {n: p.data for n, p in self.params.items()}
+        """Points each parameter at ``tensors[name]`` (same shape, dtype and device; views are kept, not copied)."""
         for n, p in self.params.items():
             t = tensors[n]
             if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
@@ -61,19 +234,20 @@ class ParamBinding:
                     f"cannot bind {n!r} ({tuple(p.shape)}, {p.dtype}, {p.device}) to a tensor "
                     f"({tuple(t.shape)}, {t.dtype}, {t.device})"
                 )
-            p.data = t
+        if self._frame.active:
+            _require_innermost(self._frame)
+        else:
+            _push(self._frame)
+        for n, p in self.params.items():
+            p.data = tensors[n]
 
     def restore(self) -> None:
-        """Points every parameter back at its original tensor (which was never written)."""
-        if self._originals is None:
-            return
-        for n, p in self.params.items():
-            p.data = self._originals[n]
-        self._originals = None
+        """Ends the binding: the parameters get back what they held before it (see the module doc)."""
+        _pop(self._frame)
 
     @property
     def bound(self) -> bool:
-        return self._originals is not None
+        return self._frame.active
 
     def __enter__(self) -> ParamBinding:
         return self
@@ -82,79 +256,152 @@ class ParamBinding:
         self.restore()
 
 
+# ------------------------------------------------------------------------------------- work buffers
+
+_WORK: weakref.WeakKeyDictionary[L2MPosterior, dict[tuple, list[list[Tensor]]]] = weakref.WeakKeyDictionary()
+
+
+def _take_buffers(posterior: L2MPosterior, key: tuple, make: Callable[[], list[Tensor]]) -> list[Tensor]:
+    """A free set of work buffers of this posterior for this layout key (allocated on first use only)."""
+    with _LOCK:
+        pool = _WORK.setdefault(posterior, {}).setdefault(key, [])
+        if pool:
+            return pool.pop()
+    return make()
+
+
+def _give_back(posterior: L2MPosterior, key: tuple, buffers: list[Tensor]) -> None:
+    with _LOCK:
+        pool = _WORK.setdefault(posterior, {}).setdefault(key, [])
+        if not pool:  # keep one set: nested contexts of one posterior are rare, their extra buffers are freed
+            pool.append(buffers)
+
+
+def free_work_buffers(posterior: L2MPosterior) -> None:
+    """Frees the work buffers kept for ``posterior``'s in-place contexts (one copy of its parameters)."""
+    with _LOCK:
+        _WORK.pop(posterior, None)
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+
 class SampleWriter:
     """Writes single posterior samples straight into a model's live parameters.
 
-    Covered parameters are grouped into runs of consecutive slots with one dtype; each run gets one
-    work buffer and one sampler call (``element_offset`` keeps every element's global index, so the
-    values are those of :meth:`L2MPosterior.sample`). A model with one parameter dtype (the usual
-    case) is one buffer and one launch per sample. Float32, bfloat16 and float16 parameters are written
-    by the sampler directly; other dtypes (float64) go through a float32 scratch row of that run.
+    Not sharded: covered parameters are grouped into runs of consecutive slots with one dtype; each run
+    has one work buffer the parameters are bound to and one sampler call per sample. A model with one
+    parameter dtype (the usual case) is one buffer and one launch per sample. Float32, bfloat16 and
+    float16 parameters are written by the sampler directly; other dtypes (float64) go through a float32
+    scratch row. Sharded: the sample row is drawn into a work buffer and copied into the local shards.
 
     Args:
         posterior: the posterior.
-        params: name -> live parameter, for every slot of ``posterior.layout``.
+        model: the model whose parameters receive the samples (checked by ``posterior.parameters_of``).
     """
 
-    def __init__(self, posterior: L2MPosterior, params: Mapping[str, nn.Parameter]) -> None:
+    def __init__(self, posterior: L2MPosterior, model: nn.Module) -> None:
         self.posterior = posterior
-        self.binding = ParamBinding(params)
-        layout: FlatLayout = posterior.layout
+        self.model = model
+        self.sharded = posterior.is_sharded
+        if self.sharded:
+            reshard_fsdp(model)  # after a forward under no_grad an FSDP2 root holds unsharded plain tensors
+        self.params = posterior.parameters_of(model)
+        self._buffers: list[Tensor] | None = None
+        if self.sharded:
+            self._runs = [(0, posterior.num_params, torch.float32)]
+            self._frame = _Frame(self.params, self._backup, self._copy_back, lambda: reshard_fsdp(model))
+        else:
+            self._runs = self._dtype_runs()
+            self._frame = _Frame(self.params, _data, _set_data)
+        self._key = (posterior.device, tuple(self._runs))
+
+    def _dtype_runs(self) -> list[tuple[int, int, torch.dtype]]:
         runs: list[tuple[int, int, torch.dtype]] = []
-        for slot in layout:
-            dt = params[slot.name].dtype
+        for slot in self.posterior.layout:
+            dt = self.params[slot.name].dtype
             if runs and runs[-1][2] == dt:
                 runs[-1] = (runs[-1][0], slot.stop, dt)
             else:
                 runs.append((slot.offset, slot.stop, dt))
-        self._runs = []
-        bounds = posterior.seg_bounds.tolist()
-        for start, stop, dt in runs:
-            seg = restrict_segments(posterior.seg_a, posterior.seg_b, bounds, start, stop)
-            self._runs.append((start, stop, dt, seg))
-        self._buffers: list[Tensor] | None = None
+        return runs
 
-    def _allocate(self) -> None:
-        device = self.posterior.device
-        self._buffers = [torch.empty(stop - start, dtype=dt, device=device) for start, stop, dt, _ in self._runs]
+    def _local(self, p: nn.Parameter, name: str = "") -> Tensor:
+        return local_box(name, p)[0]
+
+    def _backup(self, p: nn.Parameter) -> Tensor:
+        return self._local(p).detach().clone()
+
+    def _copy_back(self, p: nn.Parameter, saved: Tensor) -> None:
+        with torch.no_grad():
+            self._local(p).copy_(saved)
+
+    def _make_buffers(self) -> list[Tensor]:
+        dev = self.posterior.device
+        return [torch.zeros(stop - start, dtype=dt, device=dev) for start, stop, dt in self._runs]
+
+    def _enter(self) -> None:
+        self._buffers = _take_buffers(self.posterior, self._key, self._make_buffers)
+        if self.sharded:
+            reshard_fsdp(self.model)  # the writes must land in the shards that the next forward all-gathers
+            _push(self._frame)
+            return
         views: dict[str, Tensor] = {}
-        for (start, _, _, _), buf in zip(self._runs, self._buffers):
+        for (start, stop, _), buf in zip(self._runs, self._buffers):
             for slot in self.posterior.layout:
-                if start <= slot.offset and slot.stop <= start + buf.numel():
+                if start <= slot.offset and slot.stop <= stop:
                     views[slot.name] = buf[slot.offset - start : slot.stop - start].view(slot.shape)
-        self.binding.bind(views)
+        try:
+            _push(self._frame)
+        except BaseException:
+            self._release_buffers()
+            raise
+        for n, p in self.params.items():
+            p.data = views[n]
 
     def write(self, index: int, seed: int) -> None:
-        """Writes sample ``index`` of ``seed`` into the parameters (binding them on first use)."""
-        if self._buffers is None:
-            self._allocate()
-        post = self.posterior
+        """Writes sample ``index`` of ``seed`` into the parameters (entering the context on first use).
+
+        Raises:
+            InPlaceOrderError: a context entered after this one holds the same parameters.
+            ModelInUseError: another thread holds them.
+        """
+        if not self._frame.active:
+            self._enter()
+        else:
+            _require_innermost(self._frame)
         assert self._buffers is not None
-        for (start, stop, dt, (a, b, bounds)), buf in zip(self._runs, self._buffers):
+        post = self.posterior
+        for (start, stop, dt), buf in zip(self._runs, self._buffers):
             if stop == start:
                 continue
             direct = dt in OUTPUT_DTYPES
-            out = buf.view(1, -1) if direct else torch.empty(1, stop - start, device=buf.device)
-            sample_diag_gaussian(
-                post.theta[start:stop],
-                post.v[start:stop],
-                1,
-                a=a,
-                b=b,
-                bounds=bounds,
-                seed=seed,
-                sample_offset=index,
-                element_offset=start,
-                out=out,
-                validate=False,
-            )
+            row = buf.view(1, -1) if direct else torch.empty(1, stop - start, device=buf.device)
+            post.sample_into(row, seed, index, columns=(start, stop))
             if not direct:
-                buf.copy_(out[0])
+                buf.copy_(row[0])
+        if self.sharded:
+            reshard_fsdp(self.model)  # drop the previous forward's all-gathered sample: the next one gathers anew
+            views = post.layout.views(self._buffers[0])
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    self._local(p, n).copy_(views[n])
+
+    def _release_buffers(self) -> None:
+        if self._buffers is not None:
+            _give_back(self.posterior, self._key, self._buffers)
+            self._buffers = None
 
     def restore(self) -> None:
-        """Restores the original parameters exactly and frees the work buffers."""
-        self.binding.restore()
-        self._buffers = None
+        """Ends the context: the parameters get back what they held when it was entered (module doc)."""
+        try:
+            _pop(self._frame)
+        finally:
+            self._release_buffers()
+
+    @property
+    def active(self) -> bool:
+        return self._frame.active
 
     def __enter__(self) -> SampleWriter:
         return self
@@ -163,13 +410,40 @@ class SampleWriter:
         self.restore()
 
 
+@contextlib.contextmanager
+def sampled(posterior: L2MPosterior, model: nn.Module, index: int = 0, seed: int = 0) -> Iterator[nn.Module]:
+    """Writes sample ``index`` of ``seed`` into the model's parameters in place; restores them on exit.
+
+    One sampler call writes the sample into a work buffer the parameters are bound to; the original
+    tensors are untouched, so the restore is bit-for-bit and happens on exceptions too, whatever the
+    order in which nested contexts end. Parameters the posterior does not cover are untouched. A sharded
+    posterior writes this rank's local shards (every rank must enter it).
+
+    Args:
+        posterior: the posterior.
+        model: the model the posterior was built from.
+        index: which sample (row ``index`` of ``posterior.sample(index + 1, seed).flat``).
+        seed: 64-bit seed.
+
+    Yields:
+        The model, holding the sample.
+    """
+    writer = SampleWriter(posterior, model)
+    try:
+        writer.write(index, seed)
+        yield model
+    finally:
+        writer.restore()
+
+
 class SampleIterator:
     """Iterates over samples ``sample_offset .. sample_offset + num_samples - 1``, each written in place.
 
     Each step writes the next sample into the model's parameters (one sampler call) and yields its
-    index; the parameters are restored exactly when the iteration ends, on :meth:`close`, or on leaving
-    a ``with`` block (exceptions included). Memory is one copy of the covered parameters, however many
-    samples: suited to models whose S samples do not fit in memory at once.
+    index; the parameters are restored exactly when the iteration ends, on :meth:`close`, on leaving a
+    ``with`` block (exceptions included) or when the iterator is garbage-collected. Memory is one copy
+    of the covered parameters, however many samples: suited to models whose S samples do not fit in
+    memory at once. Works on sharded posteriors too (every rank iterates alike).
 
     Example::
 
@@ -188,13 +462,8 @@ class SampleIterator:
     ) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-        if posterior.is_sharded:
-            raise NotImplementedError(
-                "iter_sampled binds whole parameters; on a sharded posterior use `with post.sampled(model, s, seed)` "
-                "for each sample (every rank must enter it)"
-            )
         self.model = model
-        self._writer = SampleWriter(posterior, posterior._live_params(model))
+        self._writer = SampleWriter(posterior, model)
         self._seed = seed
         self._next = sample_offset
         self._stop = sample_offset + num_samples

@@ -7,20 +7,21 @@ segment of elements (:mod:`l2m_fast.modes`). Training on afterwards does not cha
 
 from __future__ import annotations
 
+import operator
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .distributed import is_dtensor, localize, reshard_fsdp, sample_runs, sampled_sharded
 from .layout import FlatLayout
-from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients, segments
-from .ops.sample import OUTPUT_DTYPES, check_values, sample_diag_gaussian
+from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients, restrict_segments, segments
+from .ops.sample import MAX_SAMPLES, OUTPUT_DTYPES, check_values, sample_diag_gaussian
 from .optim import ParamFilter, ParamMoment, moments_from_optimizer, moments_from_state_dict
+from .sharding import is_dtensor, local_box, localize, reshard_fsdp
 
 if TYPE_CHECKING:
     from .inplace import SampleIterator
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["L2MPosterior", "SampleBatch"]
 
 _STATE_VERSION = 1
+_SEGMENT_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class L2MPosterior:
         self.param_dtypes = {n: p.dtype for n, p, _ in entries}
         self.groups = {n: int(groups.get(n, 0)) for n, _, _ in entries}
         self._coeffs = {n: c for (n, _, _), c in zip(entries, coeffs)}
+        self._reset_caches()
         if self.layout.numel:
             check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
 
@@ -281,9 +284,92 @@ class L2MPosterior:
         """Moves the snapshot to ``device`` in place; returns self."""
         for name in ("theta", "v", "seg_a", "seg_b", "seg_bounds"):
             setattr(self, name, getattr(self, name).to(device))
+        self._reset_caches()
         return self
 
     # ---------------------------------------------------------------- sampling
+
+    def _segments(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The segments ``(a, b, bounds)`` over local elements ``[start, stop)``, re-based to 0 (cached)."""
+        if start == 0 and stop == self.layout.numel:
+            return self.seg_a, self.seg_b, self.seg_bounds
+        cache = self._segment_cache
+        hit = cache.get((start, stop))
+        if hit is None:
+            if len(cache) >= _SEGMENT_CACHE_SIZE:
+                cache.clear()
+            hit = restrict_segments(self.seg_a, self.seg_b, self._bounds_list, start, stop)
+            cache[(start, stop)] = hit
+        return hit
+
+    def _reset_caches(self) -> None:
+        self._segment_cache: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self._bounds_list: list[int] = self.seg_bounds.tolist()
+
+    def sample_into(
+        self,
+        out: Tensor,
+        seed: int = 0,
+        sample_offset: int = 0,
+        columns: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Fills ``out`` with samples ``sample_offset .. sample_offset + S - 1`` of some of the local elements.
+
+        The one place the fused sampler is called from: :meth:`sample`, the in-place writers
+        (:mod:`l2m_fast.inplace`) and the predictives all draw through it. Each run of consecutive
+        global indices (one run unless the posterior is sharded) is one call of the op with its own
+        ``element_offset`` and segments, so every value follows the sampling contract: column ``j`` of
+        ``out`` holds local element ``start + j``, whatever ``columns``, ``sample_offset`` or sharding.
+
+        Args:
+            out: (S, stop - start) contiguous buffer of float32, bfloat16 or float16 on the posterior's
+                device; written in place.
+            seed: 64-bit seed. Default 0.
+            sample_offset: index of the first sample. Default 0.
+            columns: ``(start, stop)``, the range of local elements (columns of :meth:`sample`'s
+                ``flat``) to draw. Default None: all ``P``.
+
+        Returns:
+            out: (S, stop - start).
+        """
+        n = self.layout.numel
+        start, stop = (0, n) if columns is None else (int(columns[0]), int(columns[1]))
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"columns must satisfy 0 <= start <= stop <= P={n}, got {columns}")
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dim() != 2 or out.shape[1] != stop - start or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous (S, {stop - start}) tensor for columns {start}..{stop}, "
+                f"got shape {tuple(out.shape)}{'' if out.is_contiguous() else ' (non-contiguous)'}"
+            )
+        if out.dtype not in OUTPUT_DTYPES:
+            raise TypeError(f"out must be one of {OUTPUT_DTYPES}, got {out.dtype}")
+        if out.device != self.device:
+            raise ValueError(f"out is on {out.device} but the posterior on {self.device}: move one with .to(device)")
+        s = out.shape[0]
+        for lo, go, length in self.runs:
+            first, last = max(lo, start), min(lo + length, stop)
+            if first >= last:
+                continue
+            cols = out[:, first - start : last - start]
+            target = cols if cols.is_contiguous() else torch.empty(s, last - first, dtype=out.dtype, device=out.device)
+            a, b, bounds = self._segments(first, last)
+            sample_diag_gaussian(
+                self.theta[first:last],
+                self.v[first:last],
+                a=a,
+                b=b,
+                bounds=bounds,
+                seed=seed,
+                sample_offset=sample_offset,
+                element_offset=go + (first - lo),
+                out=target,
+                validate=False,
+            )
+            if target is not cols:
+                cols.copy_(target)
+        return out
 
     def sample(
         self,
@@ -294,7 +380,7 @@ class L2MPosterior:
         dtype: torch.dtype = torch.float32,
         out: Tensor | None = None,
     ) -> SampleBatch:
-        """Draws S samples in one call of the fused sampler.
+        """Draws S samples in one call of the fused sampler (one per run of a sharded posterior).
 
         Sample ``s`` of seed ``k`` is the same whatever the chunking: ``sample(4, k, sample_offset=2)``
         returns samples 2..5 of ``sample(8, k)``.
@@ -309,95 +395,65 @@ class L2MPosterior:
         Returns:
             A :class:`SampleBatch`: ``batch.flat`` (S, P), ``batch[name]`` (S, *shape).
         """
+        try:
+            num_samples = operator.index(num_samples)
+        except TypeError:
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}") from None
+        if num_samples < 0 or num_samples > MAX_SAMPLES:
+            raise ValueError(f"num_samples must lie in [0, 2^32] (32-bit sample indices), got {num_samples}")
         if dtype not in OUTPUT_DTYPES:
             raise TypeError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
-        if self.runs != ((0, 0, self.layout.numel),):
-            return SampleBatch(self._sample_runs(num_samples, seed, sample_offset, dtype, out), self.layout)
-        flat = sample_diag_gaussian(
-            self.theta,
-            self.v,
-            num_samples,
-            a=self.seg_a,
-            b=self.seg_b,
-            bounds=self.seg_bounds,
-            seed=seed,
-            sample_offset=sample_offset,
-            dtype=dtype,
-            out=out,
-            validate=False,
-        )
-        return SampleBatch(flat, self.layout)
-
-    def _sample_runs(
-        self, num_samples: int, seed: int, sample_offset: int, dtype: torch.dtype, out: Tensor | None
-    ) -> Tensor:
-        """A sharded posterior's samples: (S, P_local), one op call per run of global indices."""
-        n = self.layout.numel
         if out is None:
-            out = torch.empty(num_samples, n, dtype=dtype, device=self.device)
-        elif out.dim() != 2 or tuple(out.shape) != (num_samples, n) or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous ({num_samples}, {n}) tensor, got {tuple(out.shape)}")
-        return sample_runs(self, out, seed, sample_offset)
+            out = torch.empty(num_samples, self.layout.numel, dtype=dtype, device=self.device)
+        elif isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] != num_samples:
+            raise ValueError(f"out has {out.shape[0]} rows but num_samples={num_samples}")
+        return SampleBatch(self.sample_into(out, seed, sample_offset), self.layout)
 
-    def _live_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def parameters_of(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The model's parameters this posterior covers, checked against its layout.
+
+        Args:
+            model: the model the posterior was built from (or one with the same covered parameters).
+
+        Returns:
+            name -> the live ``nn.Parameter``, in the posterior's flat order. For a sharded posterior
+            the parameters are DTensors whose local shards have the layout's (local) shapes.
+
+        Raises:
+            KeyError: a covered parameter is missing from the model.
+            ValueError: a shape or device differs from the posterior's.
+        """
         named = dict(model.named_parameters())
         out = {}
         for slot in self.layout:
             p = named.get(slot.name)
             if p is None:
                 raise KeyError(f"the model has no parameter {slot.name!r} that this posterior covers")
-            if tuple(p.shape) != slot.shape:
-                raise ValueError(f"parameter {slot.name!r} has shape {tuple(p.shape)}, the posterior {slot.shape}")
-            if p.device != self.device:
+            local = local_box(slot.name, p)[0] if self.is_sharded else p
+            if tuple(local.shape) != slot.shape:
+                what = "local shard" if self.is_sharded else "parameter"
                 raise ValueError(
-                    f"parameter {slot.name!r} is on {p.device} but the posterior on {self.device}: "
+                    f"{what} {slot.name!r} has shape {tuple(local.shape)}, the posterior {slot.shape}: "
+                    "was the posterior built from this model (on this rank)?"
+                )
+            if local.device != self.device:
+                raise ValueError(
+                    f"parameter {slot.name!r} is on {local.device} but the posterior on {self.device}: "
                     "move one with .to(device)"
                 )
             out[slot.name] = p
         return out
 
-    @contextmanager
-    def sampled(self, model: nn.Module, index: int = 0, seed: int = 0) -> Iterator[nn.Module]:
-        """Writes sample ``index`` of ``seed`` into the model's parameters in place; restores them on exit.
+    def sampled(self, model: nn.Module, index: int = 0, seed: int = 0) -> AbstractContextManager[nn.Module]:
+        """Sample ``index`` of ``seed`` written into the model's parameters; see :func:`l2m_fast.inplace.sampled`."""
+        from .inplace import sampled
 
-        One sampler call writes the sample into a work buffer the parameters are bound to
-        (:mod:`l2m_fast.inplace`); the original tensors are untouched, so the restore is bit-for-bit and
-        happens on exceptions too. Extra memory: one copy of the covered parameters. Parameters the
-        posterior does not cover are untouched. A sharded posterior (``is_sharded``) writes this rank's
-        local shards (FSDP2 modules resharded first); every rank must enter it (:mod:`l2m_fast.distributed`).
-
-        Args:
-            model: the model the posterior was built from.
-            index: which sample (the same as row ``index`` of ``sample(index + 1, seed).flat``).
-            seed: 64-bit seed.
-
-        Yields:
-            The model, holding the sample.
-        """
-        if self.is_sharded:  # DTensor / FSDP2: write each rank's local shards (l2m_fast.distributed)
-            with sampled_sharded(self, model, index, seed):
-                yield model
-            return
-        from .inplace import SampleWriter
-
-        with SampleWriter(self, self._live_params(model)) as writer:
-            writer.write(index, seed)
-            yield model
+        return sampled(self, model, index, seed)
 
     def iter_sampled(
         self, model: nn.Module, num_samples: int, seed: int = 0, *, sample_offset: int = 0
     ) -> SampleIterator:
-        """Iterates over S samples written in place one after another (see :class:`~l2m_fast.inplace.SampleIterator`).
-
-        Args:
-            model: the model the posterior was built from.
-            num_samples: S.
-            seed: 64-bit seed.
-            sample_offset: index of the first sample.
-
-        Returns:
-            An iterator of sample indices and a context manager that restores the parameters exactly.
-        """
+        """S samples written in place one after another; see :class:`l2m_fast.inplace.SampleIterator`."""
         from .inplace import SampleIterator
 
         return SampleIterator(self, model, num_samples, seed, sample_offset)
@@ -405,12 +461,7 @@ class L2MPosterior:
     def predict(
         self, model: nn.Module, inputs: object, num_samples: int, seed: int = 0, **kwargs: object
     ) -> RegressionPrediction | ClassificationPrediction:
-        """The Monte-Carlo posterior predictive; see :func:`l2m_fast.predictive.predict` for every option.
-
-        Returns:
-            :class:`~l2m_fast.predictive.RegressionPrediction` (``task="regression"``, default) or
-            :class:`~l2m_fast.predictive.ClassificationPrediction` (``task="classification"``).
-        """
+        """The Monte-Carlo posterior predictive; see :func:`l2m_fast.predictive.predict` for every option."""
         from .predictive import predict
 
         return predict(self, model, inputs, num_samples=num_samples, seed=seed, **kwargs)  # type: ignore[arg-type]
@@ -460,6 +511,7 @@ class L2MPosterior:
         self.runs = tuple(tuple(r) for r in state.get("runs", [(0, 0, layout.numel)]))  # type: ignore[union-attr]
         self.global_numel = int(state.get("global_numel", layout.numel))  # type: ignore[arg-type]
         self.is_sharded = bool(state.get("is_sharded", False))
+        self._reset_caches()
         check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
 
     @classmethod

@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import l2m_fast
-from l2m_fast.distributed import box_runs, local_box
+from l2m_fast.distributed import posterior_from_checkpoint
+from l2m_fast.sharding import box_runs, is_dtensor, local_box, localize, reshard_fsdp
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
@@ -160,13 +161,16 @@ def _scenario_fsdp_sampled(mesh, tmpdir: str) -> None:  # noqa: ANN001
         ref_pred = ref.predict(plain, x, num_samples=4, seed=SEED, method="loop")
         torch.testing.assert_close(pred.mean, ref_pred.mean, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(pred.epistemic_var, ref_pred.epistemic_var, rtol=1e-5, atol=1e-6)
-        with pytest.raises(NotImplementedError, match="sharded"):
-            post.iter_sampled(model, 2, SEED)
+        it_outs = []
+        with post.iter_sampled(model, 3, SEED, sample_offset=1) as samples:  # local shards written in turn
+            for _ in samples:
+                it_outs.append(model(x))
+        assert all(torch.equal(a, b) for a, b in zip(it_outs, outs[1:4]))
         with pytest.raises(RuntimeError, match="boom"), post.sampled(model, 9, SEED):
             model(x)
             raise RuntimeError("boom")
         y1 = model(x)
-    l2m_fast.distributed.reshard_fsdp(model)  # the forward above left the root unsharded
+    reshard_fsdp(model)  # the forward above left the root unsharded
     after = {n: p.to_local() for n, p in model.named_parameters()}
     for n in before:
         assert torch.equal(before[n], after[n]), n
@@ -215,10 +219,10 @@ def _scenario_dtensor_replicate(mesh, tmpdir: str) -> None:  # noqa: ANN001
         assert torch.equal(p.to_local(), before[n]), n
     # a full (unsharded) moment next to a sharded parameter: each rank slices its own box, no gather
     full_v = ref_opt.state[plain.cols]["exp_avg_sq"]
-    local = l2m_fast.distributed.localize([("cols", model.cols, full_v)])[0][0]
+    local = localize([("cols", model.cols, full_v)])[0][0]
     assert torch.equal(local[2], opt.state[model.cols]["exp_avg_sq"].to_local())
     with pytest.raises(ValueError, match="must match"):
-        l2m_fast.distributed.localize([("cols", model.cols, distribute_tensor(full_v, mesh, [Replicate()]))])
+        localize([("cols", model.cols, distribute_tensor(full_v, mesh, [Replicate()]))])
 
 
 def _scenario_dcp(mesh, tmpdir: str) -> None:  # noqa: ANN001
@@ -239,7 +243,7 @@ def _scenario_dcp(mesh, tmpdir: str) -> None:  # noqa: ANN001
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     full_sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-    assert not l2m_fast.distributed.is_dtensor(full_sd["state"]["0.weight"]["exp_avg_sq"])
+    assert not is_dtensor(full_sd["state"]["0.weight"]["exp_avg_sq"])
     from_full = l2m_fast.L2MPosterior.from_state_dict(model, full_sd)
     assert from_full.runs == post.runs and torch.equal(from_full.sample(3, SEED).flat, post.sample(3, SEED).flat)
     fresh = _mlp()
@@ -248,7 +252,7 @@ def _scenario_dcp(mesh, tmpdir: str) -> None:  # noqa: ANN001
             p.zero_()
     fully_shard(fresh[0], mesh=mesh)
     fully_shard(fresh, mesh=mesh)
-    loaded = l2m_fast.distributed.posterior_from_checkpoint(fresh, torch.optim.Adam(_groups(fresh)), path)
+    loaded = posterior_from_checkpoint(fresh, torch.optim.Adam(_groups(fresh)), path)
     assert loaded.runs == post.runs
     assert torch.equal(loaded.theta, post.theta) and torch.equal(loaded.v, post.v)
     assert torch.equal(loaded.seg_b, post.seg_b) and torch.equal(loaded.seg_a, post.seg_a)

@@ -64,10 +64,10 @@ def test_sampled_restores_after_an_exception_and_discards_writes() -> None:
     _assert_restored(model, snap)
 
 
-def test_one_work_buffer_bound_zero_copy() -> None:
+def test_one_work_buffer_bound_zero_copy_and_reused_by_the_next_context() -> None:
     model = _model()
     post = _posterior(model)
-    writer = SampleWriter(post, post._live_params(model))
+    writer = SampleWriter(post, model)
     with writer:
         writer.write(0, seed=1)
         (buf,) = writer._buffers  # one dtype: one buffer, one sampler call per sample
@@ -77,7 +77,10 @@ def test_one_work_buffer_bound_zero_copy() -> None:
             assert lo <= p.data_ptr() < hi
         writer.write(3, seed=1)
         assert torch.equal(buf, post.sample(4, seed=1).flat[3])
-    assert writer._buffers is None
+    assert writer._buffers is None and not writer.active
+    with SampleWriter(post, model) as again:  # the next context takes the same buffer: nothing allocated
+        again.write(1, seed=1)
+        assert again._buffers[0].data_ptr() == buf.data_ptr()
 
 
 def test_subset_leaves_other_parameters_alone() -> None:
@@ -113,7 +116,7 @@ def test_mixed_dtypes_one_call_per_run() -> None:
     model[2].to(torch.float64)
     post = _posterior(model)
     row = post.sample(2, seed=4).flat[1]
-    with SampleWriter(post, post._live_params(model)) as writer:
+    with SampleWriter(post, model) as writer:
         writer.write(1, seed=4)
         assert len(writer._buffers) == 2
         got = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])

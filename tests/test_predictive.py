@@ -249,7 +249,7 @@ def test_batchnorm_in_training_mode_is_evaluated_in_a_loop() -> None:
 
 
 def test_memory_budget_sets_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("l2m_fast.predictive.CACHE_BYTES", 1 << 40)
+    monkeypatch.setattr("l2m_fast.predictive.plan.CACHE_BYTES", 1 << 40)
     model = _toy()
     post = _posterior(model)
     x = torch.randn(200, 1)
@@ -267,7 +267,7 @@ def test_cache_cap_sets_the_default_chunk(monkeypatch: pytest.MonkeyPatch) -> No
     model = _toy()
     post = _posterior(model)
     x = torch.randn(200, 1)
-    monkeypatch.setattr("l2m_fast.predictive.CACHE_BYTES", 1 << 20)
+    monkeypatch.setattr("l2m_fast.predictive.plan.CACHE_BYTES", 1 << 20)
     plan = plan_predict(post, model, x, 500, method="vmap")
     assert 1 <= plan.chunk_size < 500
     assert plan.chunk_size == (1 << 20) // (plan.bytes_per_sample - post.num_params * 4 - 200 * 4 - 4 * 200 * 4)
@@ -277,9 +277,9 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from torch import nn
-    import l2m_fast.predictive
+    import l2m_fast.predictive.plan
     from l2m_fast import L2MPosterior
-    l2m_fast.predictive.CACHE_BYTES = 1 << 40  # the budget alone sets the chunk
+    l2m_fast.predictive.plan.CACHE_BYTES = 1 << 40  # the budget alone sets the chunk
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 1024), nn.ReLU(), nn.Linear(1024, 1))
@@ -373,7 +373,7 @@ def test_forced_loop_runs_no_extra_forward() -> None:
 
 
 def test_plan_cache_is_bounded_per_model() -> None:
-    from l2m_fast import predictive
+    from l2m_fast.predictive import plan as predictive
 
     model = _toy()
     post = _posterior(model)

@@ -1,5 +1,8 @@
-"""The posterior predictive's results and the streaming reductions that build them (see
-:mod:`l2m_fast.predictive`): memory does not grow with the number of samples unless the outputs are kept."""
+"""The posterior predictive's results, and the streaming reductions that build them from sampled outputs.
+
+Outputs are reduced as they come (Chan's parallel mean and variance in float64; running sums of softmax
+probabilities and of their entropies), so memory does not grow with the number of samples unless the
+outputs are kept."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RegressionPrediction", "ClassificationPrediction", "_RegressionReducer", "_ClassificationReducer"]
+__all__ = ["RegressionPrediction", "ClassificationPrediction", "RegressionReducer", "ClassificationReducer"]
 
 
 @dataclass
@@ -65,8 +68,13 @@ class ClassificationPrediction:
     chunk_size: int
 
 
-class _RegressionReducer:
-    """Streaming mean and variance of the sampled means (Chan et al.), mean of the sampled variances."""
+class RegressionReducer:
+    """Streaming mean and variance of the sampled means (Chan et al.), mean of the sampled variances.
+
+    Args:
+        num_samples: S, the samples to come (sizes the kept outputs).
+        keep: keep every sampled output (``samples`` of the result).
+    """
 
     def __init__(self, num_samples: int, keep: bool) -> None:
         self.n = 0
@@ -80,6 +88,7 @@ class _RegressionReducer:
         self.dtype: torch.dtype | None = None
 
     def update(self, out: Tensor | tuple[Tensor, Tensor]) -> None:
+        """Adds a chunk: (c, B, *out) sampled means, or a ``(mean, var)`` pair of them (a Gaussian head)."""
         if isinstance(out, (tuple, list)):
             if len(out) != 2:
                 raise ValueError(f"a regression output must be a tensor or (mean, var), got {len(out)} items")
@@ -115,6 +124,7 @@ class _RegressionReducer:
         self.n += c
 
     def result(self, method: str, chunk: int) -> RegressionPrediction:
+        """The prediction over every sample added; ``method`` and ``chunk`` are recorded in it."""
         assert self.mean is not None and self.m2 is not None and self.dtype is not None
         dt = self.dtype
         epi = self.m2 / self.n
@@ -133,8 +143,13 @@ class _RegressionReducer:
         )
 
 
-class _ClassificationReducer:
-    """Running sums of the softmax probabilities and of their entropies."""
+class ClassificationReducer:
+    """Running sums of the softmax probabilities and of their entropies.
+
+    Args:
+        num_samples: S, the samples to come (sizes the kept outputs).
+        keep: keep every sampled probability vector (``samples`` of the result).
+    """
 
     def __init__(self, num_samples: int, keep: bool) -> None:
         self.n = 0
@@ -145,6 +160,7 @@ class _ClassificationReducer:
         self.kept: Tensor | None = None
 
     def update(self, logits: Tensor) -> None:
+        """Adds a chunk of (c, B, C) sampled logits."""
         if isinstance(logits, (tuple, list)):
             raise ValueError("a classifier must return logits (B, C); map other outputs with output_fn")
         c = logits.shape[0]
@@ -161,6 +177,7 @@ class _ClassificationReducer:
         self.n += c
 
     def result(self, method: str, chunk: int) -> ClassificationPrediction:
+        """The prediction over every sample added; ``method`` and ``chunk`` are recorded in it."""
         assert self.psum is not None and self.hsum is not None
         probs = self.psum / self.n
         entropy = -torch.special.xlogy(probs, probs).sum(-1)
