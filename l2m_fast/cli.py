@@ -5,7 +5,7 @@
     l2m-fast bench [--params 1000000] [--samples 16]
 
 Progress bars go to stderr, tables to stdout. The demo, eval and their baselines live in
-:mod:`l2m_fast.demo` and :mod:`l2m_fast.baselines`, which the core library never imports.
+:mod:`l2m_fast.demo` (baselines in :mod:`l2m_fast.demo.baselines`), which the core library never imports.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from l2m_fast.baselines.ensemble import run_ensemble
-from l2m_fast.baselines.hmc import run_hmc
-from l2m_fast.baselines.mc_dropout import run_mc_dropout
-from l2m_fast.baselines.rpf import run_rpf
-from l2m_fast.baselines.swag import run_swag
+from l2m_fast.demo.baselines.ensemble import run_ensemble
+from l2m_fast.demo.baselines.hmc import run_hmc
+from l2m_fast.demo.baselines.mc_dropout import run_mc_dropout
+from l2m_fast.demo.baselines.rpf import run_rpf
+from l2m_fast.demo.baselines.swag import run_swag
 from l2m_fast.demo.toy import NOISE_STD, ToyConfig, grid, mlp, toy_data, train_map
 
 TINY = ToyConfig(epochs=30, samples=8, hidden=8, ensemble_size=2, hmc_burn=10, hmc_samples=16)

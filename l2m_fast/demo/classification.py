@@ -23,11 +23,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..baselines._common import Timer
-from .l2m_method import _l2m_predict, build_l2m
+from .common import Timer
+from .l2m_method import build_l2m, l2m_samples
 from .metrics import accuracy, auroc, brier_score, categorical_nll, entropy, expected_calibration_error
 
-__all__ = ["ClsConfig", "CLS_COLUMNS", "digits_splits", "run_classification"]
+__all__ = [
+    "ClsConfig",
+    "CLS_COLUMNS",
+    "digits_splits",
+    "digits_mlp",
+    "train_classifier",
+    "softmax_mean",
+    "run_classification",
+]
 
 CLS_COLUMNS = (
     ("method", "method"),
@@ -101,13 +109,26 @@ def digits_splits(seed: int = 0) -> dict[str, Tensor]:
     }
 
 
-def _mlp(cfg: ClsConfig, dropout: float = 0.0) -> nn.Sequential:
+def digits_mlp(cfg: ClsConfig, dropout: float = 0.0) -> nn.Sequential:
+    """The digits classifier: ``64 -> hidden -> hidden -> 8`` with ReLU (and dropout when asked)."""
     from .toy import mlp
 
     return mlp(cfg.hidden, dropout=dropout, in_features=64, out_features=IN_CLASSES)
 
 
-def _train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClsConfig, seed: int, bar: object | None) -> torch.optim.Adam:
+def train_classifier(
+    model: nn.Module, x: Tensor, y: Tensor, cfg: ClsConfig, seed: int, bar: object | None = None
+) -> torch.optim.Adam:
+    """Mini-batch Adam (L2 weight decay) on the cross-entropy, in place; returns the optimizer (its second moment).
+
+    Args:
+        model: the classifier.
+        x: (N, 64) inputs.
+        y: (N,) labels.
+        cfg: epochs, batch size, learning rate, weight decay.
+        seed: seed of the mini-batch order.
+        bar: optional tqdm-like bar, advanced once per epoch.
+    """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = x.shape[0]
@@ -144,7 +165,7 @@ def _scores(name: str, predict: Callable[[Tensor], Tensor], data: dict[str, Tens
     }
 
 
-def _softmax_mean(logits: Tensor) -> Tensor:
+def softmax_mean(logits: Tensor) -> Tensor:
     """(S, B, C) logits -> (B, C) mean of the softmax over samples."""
     return torch.softmax(logits.double(), -1).mean(0)
 
@@ -184,9 +205,9 @@ def run_classification(
     b = mk("deep ensemble (Adam)", cfg.epochs * cfg.ensemble_size)
     for k in range(cfg.ensemble_size):
         torch.manual_seed(cfg.seed + 10 + k)
-        m = _mlp(cfg)
+        m = digits_mlp(cfg)
         with Timer() as t:
-            opts.append(_train(m, x, y, cfg, cfg.seed + 100 + k, b))
+            opts.append(train_classifier(m, x, y, cfg, cfg.seed + 100 + k, b))
         members.append(m)
         train_times.append(t.s)
     close(b)
@@ -202,23 +223,23 @@ def run_classification(
     for mode, options in (("paper", {}), ("explicit", explicit)):
         with Timer() as t:
             post = build_l2m(model, opt, mode, **options)
-        pred = lambda xq, post=post: _softmax_mean(_l2m_predict(post, model, xq, cfg.samples, cfg.seed))
+        pred = lambda xq, post=post: softmax_mean(l2m_samples(post, model, xq, cfg.samples, cfg.seed))
         rows.append(
             {**_scores(f"L2M ({mode} mode)", pred, data), "train_s": t_map, "posthoc_s": t.s, "posthoc_passes": 0}
         )
 
     torch.manual_seed(cfg.seed + 5)
-    drop = _mlp(cfg, dropout=cfg.dropout)
+    drop = digits_mlp(cfg, dropout=cfg.dropout)
     b = mk("MC dropout", cfg.epochs)
     with Timer() as t:
-        _train(drop, x, y, cfg, cfg.seed + 200, b)
+        train_classifier(drop, x, y, cfg, cfg.seed + 200, b)
     close(b)
 
     @torch.no_grad()
     def dropout_predict(xq: Tensor) -> Tensor:
         drop.train()
         torch.manual_seed(cfg.seed + 6)
-        out = _softmax_mean(torch.stack([drop(xq) for _ in range(cfg.samples)]))
+        out = softmax_mean(torch.stack([drop(xq) for _ in range(cfg.samples)]))
         drop.eval()
         return out
 
@@ -226,7 +247,7 @@ def run_classification(
 
     @torch.no_grad()
     def ens_predict(xq: Tensor) -> Tensor:
-        return _softmax_mean(torch.stack([m(xq) for m in members]))
+        return softmax_mean(torch.stack([m(xq) for m in members]))
 
     t_ens = sum(train_times)
     rows.append(
@@ -243,8 +264,8 @@ def run_classification(
     per = max(1, cfg.samples // cfg.ensemble_size)
 
     def l2m_ens_predict(xq: Tensor) -> Tensor:
-        return _softmax_mean(
-            torch.cat([_l2m_predict(p, m, xq, per, cfg.seed + k) for k, (p, m) in enumerate(zip(posts, members))])
+        return softmax_mean(
+            torch.cat([l2m_samples(p, m, xq, per, cfg.seed + k) for k, (p, m) in enumerate(zip(posts, members))])
         )
 
     rows.append(

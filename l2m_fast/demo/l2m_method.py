@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..posterior import L2MPosterior
 
-__all__ = ["build_l2m", "_l2m_predict"]
+__all__ = ["build_l2m", "l2m_samples"]
 
 
 def build_l2m(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str, **options: float | int) -> L2MPosterior:
@@ -16,7 +16,7 @@ def build_l2m(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str, **o
 
 
 @torch.no_grad()
-def _l2m_predict(post: L2MPosterior, model: nn.Module, x: Tensor, num_samples: int, seed: int) -> Tensor:
+def l2m_samples(post: L2MPosterior, model: nn.Module, x: Tensor, num_samples: int, seed: int) -> Tensor:
     """Network outputs under ``num_samples`` posterior samples: (B, ...) inputs -> (S, B, ...) outputs.
 
     The one place the demo computes the L2M predictive: ``post.predict`` evaluates the model on all

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..baselines._common import MethodRun, Timer
+from .common import MethodRun, Timer
 from .metrics import coverage, gaussian_nll
 from .toy import NOISE_STD, ToyConfig, fresh_draws, grid, mlp, toy_data, train_map
 
@@ -78,12 +78,12 @@ def run_regression(
         cfg: the budget (defaults: the paper's).
         bar: ``bar(description, total)`` returning a tqdm-like object, or None for no progress.
     """
-    from ..baselines.ensemble import run_ensemble
-    from ..baselines.hmc import run_hmc
-    from ..baselines.mc_dropout import run_mc_dropout
-    from ..baselines.rpf import run_rpf
-    from ..baselines.swag import run_swag
-    from .l2m_method import _l2m_predict, build_l2m
+    from .baselines.ensemble import run_ensemble
+    from .baselines.hmc import run_hmc
+    from .baselines.mc_dropout import run_mc_dropout
+    from .baselines.rpf import run_rpf
+    from .baselines.swag import run_swag
+    from .l2m_method import build_l2m, l2m_samples
 
     x, y = toy_data()
     g = grid()
@@ -128,7 +128,7 @@ def run_regression(
             with Timer() as t_post:
                 post = build_l2m(map_model, map_opt, name.removeprefix("l2m_"), **options)
             with Timer() as t_pred:
-                samples = _l2m_predict(post, map_model, queries, cfg.samples, cfg.seed).squeeze(-1)
+                samples = l2m_samples(post, map_model, queries, cfg.samples, cfg.seed).squeeze(-1)
             if b is not None:
                 b.update(cfg.samples)  # type: ignore[attr-defined]
             var = post.variance()

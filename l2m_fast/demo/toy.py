@@ -18,6 +18,7 @@ __all__ = [
     "ToyConfig",
     "toy_data",
     "fresh_draws",
+    "draw_toy",
     "grid",
     "mlp",
     "train_map",
@@ -57,7 +58,12 @@ class ToyConfig:
     seed: int = 0
 
 
-def _draw(n: int, seed: int, low: float, high: float) -> tuple[Tensor, Tensor]:
+def draw_toy(n: int, seed: int, low: float, high: float) -> tuple[Tensor, Tensor]:
+    """``n`` points ``x ~ U[low, high]``, ``y = x^3 + N(0, 3^2)`` from ``seed`` (float64 draws).
+
+    Returns:
+        ``x`` (n, 1) and ``y`` (n, 1), float32.
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, generator=g, dtype=torch.float64) * (high - low) + low
     y = x**3 + NOISE_STD * torch.randn(n, 1, generator=g, dtype=torch.float64)
@@ -70,7 +76,7 @@ def toy_data(n: int = 20) -> tuple[Tensor, Tensor]:
     Returns:
         ``x`` (n, 1) and ``y`` (n, 1), float32.
     """
-    return _draw(n, TRAIN_SEED, *X_RANGE)
+    return draw_toy(n, TRAIN_SEED, *X_RANGE)
 
 
 def fresh_draws(n: int = 2000, seed: int = 1) -> tuple[Tensor, Tensor]:
@@ -79,7 +85,7 @@ def fresh_draws(n: int = 2000, seed: int = 1) -> tuple[Tensor, Tensor]:
     Returns:
         ``x`` (n, 1) and ``y`` (n, 1), float32.
     """
-    return _draw(n, TRAIN_SEED + 1 + seed, *X_RANGE)
+    return draw_toy(n, TRAIN_SEED + 1 + seed, *X_RANGE)
 
 
 def grid(n: int = 400, low: float = -6.0, high: float = 6.0) -> Tensor:

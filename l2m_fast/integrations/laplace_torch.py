@@ -13,8 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from ..layout import FlatLayout
 from ..posterior import L2MPosterior
-from ._common import require, split_flat
+from ._common import require
 
 __all__ = ["from_laplace"]
 
@@ -39,8 +40,7 @@ def from_laplace(la: Any, model: nn.Module | None = None) -> L2MPosterior:
     ids = [id(p) for p in la.params]
     if [id(p) for _, p in covered] != ids:
         raise ValueError("the model's parameters that require grad are not the ones laplace-torch covers")
-    names = [n for n, _ in covered]
-    shapes = [tuple(p.shape) for _, p in covered]
-    mean = split_flat(la.mean.float(), names, shapes)
-    prec = split_flat(la.posterior_precision.float(), names, shapes)
+    layout = FlatLayout.from_shapes((n, p.shape) for n, p in covered)
+    mean = layout.views(la.mean.detach().float().reshape(-1))
+    prec = layout.views(la.posterior_precision.detach().float().reshape(-1))
     return L2MPosterior(mean, prec, a=1.0, b=0.0, mode="laplace-torch")

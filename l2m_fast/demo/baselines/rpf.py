@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..demo.toy import ToyConfig, mlp, train_map
-from ._common import MethodRun, Timer
+from ..common import MethodRun, Timer
+from ..toy import ToyConfig, mlp, train_map
 
 __all__ = ["run_rpf"]
 

@@ -1,6 +1,6 @@
 """Baselines of the paper's Figure 1, each a small faithful version of its method (one module each).
 
-The demo and its tests use these; the core library never imports them.
+The demo uses these; the core library never imports them.
 
 * :mod:`.rpf` randomized prior functions (Osband et al. 2018)
 * :mod:`.mc_dropout` MC dropout (Gal & Ghahramani 2016)
@@ -9,6 +9,6 @@ The demo and its tests use these; the core library never imports them.
 * :mod:`.hmc` Hamiltonian Monte Carlo (Neal 2011; Cobb & Jalaian 2020)
 """
 
-from ._common import MethodRun
+from ..common import MethodRun
 
 __all__ = ["MethodRun"]

@@ -17,9 +17,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..demo.metrics import effective_sample_size
-from ..demo.toy import NOISE_STD, ToyConfig
-from ._common import MethodRun, Timer
+from ..common import MethodRun, Timer
+from ..metrics import effective_sample_size
+from ..toy import NOISE_STD, ToyConfig
 
 __all__ = ["run_hmc"]
 

@@ -1,4 +1,4 @@
-"""What every regression method returns to the demo."""
+"""What every method of the demo returns (function samples and costs), and the timer that measures them."""
 
 from __future__ import annotations
 

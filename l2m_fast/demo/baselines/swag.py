@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..demo.toy import ToyConfig
-from ._common import MethodRun, Timer
+from ..common import MethodRun, Timer
+from ..toy import ToyConfig
 
 __all__ = ["run_swag"]
 
