@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_restored, mlp, posterior_with_random_v, snapshot
 from torch import nn
 
 from l2m_fast import L2MPosterior, ParamBinding, SampleWriter
@@ -11,15 +12,11 @@ from l2m_fast.ops.sample import MAX_SAMPLES
 
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 2)).to(dtype)
+    return mlp().to(dtype)
 
 
 def _posterior(model: nn.Module, names: list[str] | None = None) -> L2MPosterior:
-    g = torch.Generator().manual_seed(1)
-    params = {n: p for n, p in model.named_parameters() if names is None or n in names}
-    v = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
-    return L2MPosterior(params, v, a=1.0, b=[3.0], groups={n: 0 for n in params})
+    return posterior_with_random_v(model, b=3.0, names=names)
 
 
 def _flat(model: nn.Module, post: L2MPosterior) -> torch.Tensor:
@@ -27,41 +24,30 @@ def _flat(model: nn.Module, post: L2MPosterior) -> torch.Tensor:
     return torch.cat([named[n].detach().reshape(-1).float() for n in post.layout.names])
 
 
-def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
-    return {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
-
-
-def _assert_restored(model: nn.Module, snap: dict[str, tuple[torch.Tensor, int]]) -> None:
-    for n, p in model.named_parameters():
-        before, ptr = snap[n]
-        assert p.data_ptr() == ptr, n
-        assert torch.equal(p.detach(), before), n
-
-
 @pytest.mark.parametrize("index", [0, 1, 6, 4097])
 def test_sampled_writes_the_row_and_restores_exactly(index: int) -> None:
     model = _model()
     post = _posterior(model)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     params_before = list(model.parameters())
     row = post.sample(index + 1, seed=5).flat[index]
     with post.sampled(model, index=index, seed=5) as m:
         assert m is model
         assert torch.equal(_flat(model, post), row)
         assert all(p is q for p, q in zip(model.parameters(), params_before))  # identity kept
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
 
 
 def test_sampled_restores_after_an_exception_and_discards_writes() -> None:
     model = _model()
     post = _posterior(model)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="inside"), post.sampled(model, index=2, seed=0):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
         raise ValueError("inside")
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
 
 
 def test_one_work_buffer_bound_zero_copy_and_reused_by_the_next_context() -> None:
@@ -100,7 +86,7 @@ def test_subset_leaves_other_parameters_alone() -> None:
 def test_other_parameter_dtypes(dtype: torch.dtype, atol: float) -> None:
     model = _model(dtype)
     post = _posterior(model)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     out_dtype = dtype if dtype != torch.float64 else torch.float32
     row = post.sample(3, seed=2, dtype=out_dtype).flat[2]
     with post.sampled(model, index=2, seed=2):
@@ -108,7 +94,7 @@ def test_other_parameter_dtypes(dtype: torch.dtype, atol: float) -> None:
         got = torch.cat([named[n].detach().reshape(-1) for n in post.layout.names])
         assert got.dtype == dtype
         torch.testing.assert_close(got, row.to(dtype), rtol=0, atol=atol)
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
 
 
 def test_mixed_dtypes_one_call_per_run() -> None:
@@ -126,7 +112,7 @@ def test_mixed_dtypes_one_call_per_run() -> None:
 def test_iter_sampled_matches_sample_and_restores() -> None:
     model = _model()
     post = _posterior(model)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     flat = post.sample(9, seed=7).flat
     seen = []
     with post.iter_sampled(model, num_samples=5, seed=7, sample_offset=4) as it:
@@ -135,26 +121,26 @@ def test_iter_sampled_matches_sample_and_restores() -> None:
             seen.append(s)
             assert torch.equal(_flat(model, post), flat[s])
     assert seen == [4, 5, 6, 7, 8]
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
     for _ in post.iter_sampled(model, num_samples=2, seed=0):  # exhausted without a with block
         pass
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
 
 
 def test_iter_sampled_restores_on_break_and_exception() -> None:
     model = _model()
     post = _posterior(model)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with post.iter_sampled(model, num_samples=100, seed=0) as it:
         for s in it:
             if s == 2:
                 break
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
     with pytest.raises(KeyError), post.iter_sampled(model, num_samples=100, seed=0) as it:
         for s in it:
             if s == 3:
                 raise KeyError(s)
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
 
 
 def test_iter_sampled_far_sample_indices_need_one_copy() -> None:

@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from conftest import train_toy
 from torch import nn
 
 from l2m_fast import L2MPosterior
@@ -13,23 +14,8 @@ from l2m_fast.ops.reference import normals_ref
 
 
 def _trained(wd: float = 0.1, steps: int = 5, groups: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1))
-    if groups:
-        params = [
-            {"params": [model[0].weight, model[0].bias], "weight_decay": wd},
-            {"params": [model[2].weight, model[2].bias], "weight_decay": 2 * wd, "eps": 1e-3},
-        ]
-    else:
-        params = model.parameters()
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=wd)
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(32, 2, generator=g), torch.randn(32, 1, generator=g)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return model, opt
+    toy = train_toy(steps=steps, weight_decay=wd, groups=groups)
+    return toy.model, toy.optimizer
 
 
 def _vhat(opt: torch.optim.Optimizer, p: nn.Parameter) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_restored, posterior_with_random_v, snapshot
 from torch import nn
 from torch.nn.utils import vector_to_parameters
 
@@ -22,10 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _posterior(model: nn.Module, b: float = 50.0, names: list[str] | None = None, seed: int = 0) -> L2MPosterior:
-    g = torch.Generator().manual_seed(seed)
-    params = {n: p for n, p in model.named_parameters() if names is None or n in names}
-    v = {n: torch.rand(p.shape, generator=g) * 10 for n, p in params.items()}
-    return L2MPosterior(params, v, a=1.0, b=b)
+    return posterior_with_random_v(model, b=b, names=names, seed=seed, scale=10.0)
 
 
 def _toy(out: int = 1, seed: int = 0) -> nn.Module:
@@ -60,25 +58,14 @@ def _loop_outputs(post: L2MPosterior, model: nn.Module, x: torch.Tensor, s: int,
     return outs
 
 
-def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
-    return {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
-
-
-def _assert_restored(model: nn.Module, snap: dict[str, tuple[torch.Tensor, int]]) -> None:
-    for n, p in model.named_parameters():
-        before, ptr = snap[n]
-        assert p.data_ptr() == ptr, n
-        assert torch.equal(p.detach(), before), n
-
-
 @pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
 def test_regression_equals_loop(method: str) -> None:
     model = _toy()
     post = _posterior(model)
     x = torch.linspace(-2, 2, 37).unsqueeze(1)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     pred = post.predict(model, x, num_samples=53, seed=11, method=method, chunk_size=8, progress=False)
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
     ys = torch.stack(_loop_outputs(post, model, x, 53, 11)).double()
     assert isinstance(pred, RegressionPrediction)
     assert pred.mean.shape == (37, 1) and pred.var.shape == (37, 1)
@@ -180,10 +167,10 @@ def test_loop_restores_weights_after_an_exception() -> None:
 
     model = Flaky()
     post = _posterior(model)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         post.predict(model, torch.randn(2, 3), num_samples=10, seed=0, method="loop", chunk_size=3, progress=False)
-    _assert_restored(model, snap)
+    assert_restored(model, snap)
 
 
 def test_vmap_falls_back_to_loop_with_a_warning() -> None:

@@ -6,19 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import KNOWN_ANSWERS
 from scipy import stats
 
 from l2m_fast.ops.reference import normals_ref, philox4x32_ref, uniforms_ref
-
-# Random123's known answers for Philox4x32-10: (key, counter, output).
-KNOWN_ANSWERS = [
-    ((0x00000000, 0x00000000), (0x00000000, 0x00000000, 0x00000000, 0x00000000),
-     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
-     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]  # fmt: skip
 
 
 def _t(x: int) -> torch.Tensor:
