@@ -19,7 +19,9 @@ Contenders, all under ``torch.no_grad()`` and producing the same reductions:
 
 Run as a script for one table with ratios measured in the same run::
 
-    PYTHONPATH=. python benchmarks/bench_predictive.py [--rounds 7] [--cases toy mlp]
+    python benchmarks/bench_predictive.py [--rounds 7] [--cases toy mlp]
+
+Timing, labels and the machine line come from :mod:`l2m_fast.benchmarking`, as in every benchmark here.
 
 or under pytest-benchmark: ``pytest benchmarks/bench_predictive.py --benchmark-only``.
 """
@@ -27,12 +29,6 @@ or under pytest-benchmark: ``pytest benchmarks/bench_predictive.py --benchmark-o
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import statistics
-import subprocess
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from l2m_fast import L2MPosterior
+from l2m_fast.benchmarking import run_header, sampler_backend, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -222,64 +219,21 @@ if pytest is not None:
 # ---------------------------------------------------------------------------------------------- script
 
 
-def _time_interleaved(fns: dict[str, Callable[[Case], Any]], case: Case, rounds: int) -> dict[str, list[float]]:
-    """Times every contender once per round, round after round, so that load from other processes
-    hits all of them alike; the first call of each (one-time setup: laplace fit, IVON buffers, JIT) is
-    a warm-up and not timed."""
-    for fn in fns.values():
-        fn(case)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for label, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(case)
-            times[label].append(time.perf_counter() - t0)
-    return times
-
-
-def _machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    except (OSError, subprocess.CalledProcessError):
-        model = platform.processor() or "?"
-    return f"{model}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
-def _sampler_backend() -> str:
-    try:
-        from l2m_fast.ops import cpu  # type: ignore[attr-defined]
-
-        return str(cpu.backend())
-    except (ImportError, AttributeError):
-        return "reference (no CPU kernel in this tree)"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args(argv)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    print(f"machine: {_machine()}; date: {now}; commit: {_commit()}; sampler: {_sampler_backend()}; load: {load}")
+    print(f"{run_header('cpu')}; sampler: {sampler_backend('cpu')}")
+    print(f"median and min over {args.rounds} interleaved rounds after one untimed warm-up call each")
     print()
     print("| case | P | S | contender | plan | min s | median s | naive / this (min) | naive / this (median) |")
     print("| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
     for name in args.cases:
         case = make_case(name)
         fns = {k: f for k, f in CONTENDERS.items() if available(k)}
-        times = _time_interleaved(fns, case, args.rounds)
-        base_min, base_med = min(times["naive loop"]), statistics.median(times["naive loop"])
+        timings = time_interleaved({k: (lambda f=f, c=case: f(c)) for k, f in fns.items()}, rounds=args.rounds)
+        base_min, base_med = timings["naive loop"].min, timings["naive loop"].median
         for label in CONTENDERS:
             if label not in fns:
                 print(f"| {name} | {case.post.num_params:,} | {case.samples} | {label} | not installed | | | | |")
@@ -288,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             if label.startswith("l2m"):
                 res = fns[label](case)
                 plan = f"{res.method}, chunk {res.chunk_size}"
-            tmin, tmed = min(times[label]), statistics.median(times[label])
+            tmin, tmed = timings[label].min, timings[label].median
             print(
                 f"| {name} | {case.post.num_params:,} | {case.samples} | {label} | {plan} | {tmin:.4f} | {tmed:.4f} "
                 f"| {base_min / tmin:.2f}x | {base_med / tmed:.2f}x |",

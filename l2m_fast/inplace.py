@@ -92,6 +92,7 @@ class _Frame:
         self.before_restore = before_restore
         self.saved: dict[int, Tensor] = {}
         self.active = False
+        self.checked = -1  # the value of _GENERATION when this frame was last found innermost
 
 
 class _Holds:
@@ -108,6 +109,7 @@ class _Holds:
 
 _LOCK = threading.RLock()
 _HOLDS: dict[int, _Holds] = {}  # id(parameter) -> its holds, present only while held
+_GENERATION = 0  # bumped by every push and pop: a frame found innermost stays so until it changes
 
 
 def _acquire(params: Iterable[tuple[str, nn.Parameter]], me: int) -> list[_Holds]:
@@ -137,7 +139,9 @@ def _release(h: _Holds) -> None:
 
 
 def _push(frame: _Frame) -> None:
+    global _GENERATION
     with _LOCK:
+        _GENERATION += 1
         holds = _acquire(list(frame.params.items()), threading.get_ident())
         for (_, p), h in zip(frame.params.items(), holds):
             frame.saved[id(p)] = frame.capture(p)
@@ -146,10 +150,14 @@ def _push(frame: _Frame) -> None:
 
 
 def _require_innermost(frame: _Frame) -> None:
+    if frame.checked == _GENERATION:  # nothing entered or left since the last check (the per-sample hot path)
+        return
     with _LOCK:
+        frame.checked = _GENERATION
         for name, p in frame.params.items():
             h = _HOLDS[id(p)]
             if h.frames[-1] is not frame:
+                frame.checked = -1
                 raise InPlaceOrderError(
                     f"parameter {name!r} holds a sample of an in-place context entered after this one (a sampled() "
                     "block or another iterator over the same model): leave or close that one before drawing here; "
@@ -159,9 +167,11 @@ def _require_innermost(frame: _Frame) -> None:
 
 def _pop(frame: _Frame) -> None:
     """Ends a frame: an innermost frame restores what it saved, another hands it to the frame above."""
+    global _GENERATION
     with _LOCK:
         if not frame.active:
             return
+        _GENERATION += 1
         frame.active = False
         innermost = [p for p in frame.params.values() if _HOLDS[id(p)].frames[-1] is frame]
         if innermost and frame.before_restore is not None:

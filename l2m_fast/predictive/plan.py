@@ -6,13 +6,12 @@
    draws random numbers (batch norm updating running statistics, dropout); and, as a safety net, when
    the first vmapped chunk raises (an op vmap cannot batch): a ``RuntimeWarning`` says so and the loop
    takes over (remembered for that model and input shapes). A result is never silently wrong.
-2. Otherwise *measured*: which is faster depends on the model, the batch and the machine, and we
-   measured both ways (on our 2-core CPU the paper's toy MLP runs faster vmapped; the 784-512-512-10
-   MLP at batch 256 ran faster vmapped in chunks of 32 in one run and faster looped in another). So
-   the first chunk is vmapped (a warm-up: its first-touch allocations would bias the timing), the
-   second vmapped and timed, and the next few samples (a quarter of a chunk, at least 2) looped and
-   timed; the faster per sample evaluates the rest, and the choice is cached for the model, input
-   shapes and arguments, so later calls do not measure again. Every sample is used, so the trial
+2. Otherwise *measured*: which is faster depends on the model, the batch and the machine (the
+   project's benchmarks record cases of each). So the first chunk is vmapped (a warm-up: its
+   first-touch allocations would bias the timing), the second vmapped and timed, and the next few
+   samples (a quarter of a chunk, at least 2) looped and timed; the faster per sample evaluates the
+   rest, and the choice is cached for the model, input shapes and arguments, so later calls do not
+   measure again. Every sample is used, so the trial
    costs nothing beyond the slower method's share of it.
 3. When S is at most two chunks there is too little to compare on: *vmap*, unless a cached
    measurement chose the loop. Likewise under an initialised ``torch.distributed`` process group,
@@ -24,8 +23,8 @@ repeated calls skip the probe forward.
 
 **Chunk size**: ``chunk_size`` when given, else the largest that keeps the chunk's working set under
 ``max_memory`` bytes and the data it streams through under :data:`CACHE_BYTES` (smaller chunks stay
-in cache: on our CPU they ran faster). The working set per sample is estimated from one probe forward at the MAP: the
-sample row (P elements), plus, for vmap, the bytes of every op output of one forward (an upper bound
+in cache). The working set per sample is estimated from one probe forward at the MAP: the sample row
+(P elements), plus, for vmap, the bytes of every op output of one forward (an upper bound
 on what is alive at once), the inputs (a batched matmul may materialise them per sample) and four
 times the output (float64 reductions). Kept samples (``keep_samples=True``) are not counted.
 """
@@ -66,8 +65,8 @@ DEFAULT_MAX_MEMORY = 256 << 20
 
 CACHE_BYTES = 16 << 20
 """Soft cap on the data one chunk streams through when the chunk size is chosen for you: a vmapped
-chunk's activations, or a looped chunk's sample rows (measured on a 2-core CPU: the toy MLP ran 2.6x
-faster in chunks of 128 than of 500, the 784-512-512-10 MLP 1.1x faster in chunks of 8 than of 32)."""
+chunk's activations, or a looped chunk's sample rows (chunks that stay in cache ran faster on the
+benchmark models, see benchmarks/RESULTS.md)."""
 
 Task = Literal["regression", "classification"]
 Method = Literal["auto", "vmap", "loop"]
