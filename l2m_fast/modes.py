@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "per_group",
     "paper_coefficients",
     "explicit_coefficients",
+    "explicit_fisher_scale",
     "segments",
     "restrict_segments",
     "MODES",
@@ -41,17 +43,33 @@ PerGroup = float | Sequence[float] | Mapping[int, float] | None
 
 
 def per_group(value: PerGroup, group: int, what: str) -> float | None:
-    """The value for one parameter group: a scalar applies to all, a sequence or mapping by group index."""
+    """The value for one parameter group: a scalar applies to all, a sequence or mapping by group index.
+
+    Raises:
+        ValueError: the value for the group is not a finite number (naming ``what`` and the group).
+    """
     if value is None:
         return None
     if isinstance(value, Mapping):
         v = value.get(group)
-        return None if v is None else float(v)
-    if isinstance(value, Sequence) and not isinstance(value, str):
+    elif isinstance(value, Sequence) and not isinstance(value, str):
         if group >= len(value):
             raise ValueError(f"{what} gives {len(value)} values but the optimizer has a group {group}")
-        return float(value[group])
-    return float(value)
+        v = value[group]
+    else:
+        v = value
+    if v is None:
+        return None
+    try:
+        number = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(v, bool) or not math.isfinite(number):
+        raise ValueError(
+            f"{what} for group {group} must be a finite number (a float, a sequence by group or a mapping "
+            f"{{group: value}}), got {v!r}"
+        )
+    return number
 
 
 def _group_error(m: ParamMoment, what: str, fix: str) -> ValueError:
@@ -85,6 +103,20 @@ def paper_coefficients(
     return m.scale, m.shift + 1.0 / wd + e
 
 
+def explicit_fisher_scale(
+    m: ParamMoment, fisher_scale: PerGroup = None, num_data: int | None = None, batch_size: int | None = None
+) -> float:
+    """Explicit mode's multiplier of ``v_hat`` for one parameter: ``fisher_scale``, else ``num_data * batch_size``."""
+    fs = per_group(fisher_scale, m.group, "fisher_scale")
+    if fs is None:
+        if num_data is None or batch_size is None:
+            raise _group_error(
+                m, "explicit mode needs a fisher_scale", "pass fisher_scale=... or num_data=N and batch_size=B"
+            )
+        fs = float(num_data) * float(batch_size)
+    return fs
+
+
 def explicit_coefficients(
     m: ParamMoment,
     fisher_scale: PerGroup = None,
@@ -103,13 +135,7 @@ def explicit_coefficients(
         num_data: N, the number of training points.
         batch_size: B, the mini-batch size of training.
     """
-    fs = per_group(fisher_scale, m.group, "fisher_scale")
-    if fs is None:
-        if num_data is None or batch_size is None:
-            raise _group_error(
-                m, "explicit mode needs a fisher_scale", "pass fisher_scale=... or num_data=N and batch_size=B"
-            )
-        fs = float(num_data) * float(batch_size)
+    fs = explicit_fisher_scale(m, fisher_scale, num_data, batch_size)
     pp = per_group(prior_precision, m.group, "prior_precision")
     if pp is None:
         wd = float(m.hyper.get("weight_decay", 0.0))  # type: ignore[arg-type]

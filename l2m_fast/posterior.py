@@ -7,6 +7,8 @@ segment of elements (:mod:`l2m_fast.modes`). Training on afterwards does not cha
 
 from __future__ import annotations
 
+import copy
+import math
 import operator
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,10 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .evidence import evidence_prior
 from .layout import FlatLayout
 from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients, restrict_segments, segments
 from .ops.sample import MAX_SAMPLES, OUTPUT_DTYPES, check_values, sample_diag_gaussian
 from .optim import ParamFilter, ParamMoment, moments_from_optimizer, moments_from_state_dict
+from .posterior_state import STATE_VERSION, PosteriorState, check_state
 from .sharding import is_dtensor, local_box, localize, reshard_fsdp
 
 if TYPE_CHECKING:
@@ -29,7 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["L2MPosterior", "SampleBatch"]
 
-_STATE_VERSION = 1
 _SEGMENT_CACHE_SIZE = 64
 
 
@@ -159,10 +162,14 @@ class L2MPosterior:
                 self.theta = self.theta.clone()
         self.seg_a, self.seg_b, self.seg_bounds = (t.to(device) for t in segments(coeffs, self.layout))
         self.mode = mode
+        self.temperature = 1.0
+        self.logit_temperature = 1.0
         self.kept_at_map: tuple[tuple[str, str], ...] = tuple(kept_at_map)
         self.param_dtypes = {n: p.dtype for n, p, _ in entries}
         self.groups = {n: int(groups.get(n, 0)) for n, _, _ in entries}
-        self._coeffs = {n: c for (n, _, _), c in zip(entries, coeffs)}
+        self.coefficients = {n: (float(c[0]), float(c[1])) for (n, _, _), c in zip(entries, coeffs)}
+        self.evidence = None
+        self.calibration = None
         self._reset_caches()
         if self.layout.numel:
             check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
@@ -184,14 +191,24 @@ class L2MPosterior:
                 f"({len(kept)} left out: {[n for n, _ in kept][:5]})"
             )
         named = dict(model.named_parameters())
+        options = dict(options)
+        evidence = None
         if mode == "paper":
             unknown = set(options) - {"weight_decay", "eps"}
             coeff_fn = paper_coefficients
         else:
-            unknown = set(options) - {"fisher_scale", "prior_precision", "temperature", "num_data", "batch_size"}
+            known = {"fisher_scale", "prior_precision", "temperature", "num_data", "batch_size", "prior_mean"}
+            unknown = set(options) - known
             coeff_fn = explicit_coefficients
         if unknown:
             raise TypeError(f"{sorted(unknown)} do not apply to mode={mode!r}")
+        prior_mean = options.pop("prior_mean", None)
+        if isinstance(options.get("prior_precision"), str):
+            scale = {k: options.get(k) for k in ("fisher_scale", "num_data", "batch_size")}
+            evidence = evidence_prior(moments, named, str(options["prior_precision"]), prior_mean, **scale)
+            options["prior_precision"] = evidence.prior_precision
+        elif prior_mean is not None:
+            raise TypeError("prior_mean is used by prior_precision='evidence' only (the posterior's mean is theta)")
         coeffs = [coeff_fn(m, **options) for m in moments]
         post = cls.__new__(cls)
         post._init(
@@ -202,6 +219,7 @@ class L2MPosterior:
             {m.name: m.group for m in moments},
             None,
         )
+        post.evidence = evidence
         return post
 
     @classmethod
@@ -227,7 +245,11 @@ class L2MPosterior:
             missing: ``"raise"`` (default) or ``"skip"`` for parameters the optimizer has no state for.
             **options: paper mode: ``weight_decay``, ``eps`` overrides; explicit mode: ``fisher_scale``,
                 ``prior_precision``, ``temperature``, ``num_data``, ``batch_size``. Each a float, a
-                sequence indexed by group, or a mapping group -> value.
+                sequence indexed by group, or a mapping group -> value. Explicit mode's
+                ``prior_precision`` may also be ``"evidence"`` (one precision maximising the Laplace
+                evidence, no data needed: :mod:`l2m_fast.evidence`; the fit in ``post.evidence``) or
+                ``"evidence_per_group"``, with ``prior_mean`` (a state_dict or a model, e.g. the
+                pretrained weights; default zeros) as the prior's mean.
         """
         reshard_fsdp(model)  # an unsharded FSDP2 root registers plain tensors the optimizer does not hold
         moments, kept = moments_from_optimizer(model, optimizer, params, missing)
@@ -272,9 +294,9 @@ class L2MPosterior:
         return self.theta.device
 
     def variance(self) -> Tensor:
-        """(P,) float32 posterior variance ``1 / (a * v + b)``."""
-        if not self.layout.numel:
-            return self.theta.clone()
+        """(P,) float32 posterior variance ``1 / (a * v + b)`` (zero at temperature 0)."""
+        if not self.layout.numel or self.temperature == 0:
+            return torch.zeros_like(self.theta)
         from .ops.reference import segment_ids_ref
 
         seg = segment_ids_ref(self.seg_bounds, self.layout.numel)
@@ -348,6 +370,9 @@ class L2MPosterior:
         if out.device != self.device:
             raise ValueError(f"out is on {out.device} but the posterior on {self.device}: move one with .to(device)")
         s = out.shape[0]
+        if self.temperature == 0:  # every sample is theta (a calibration found that noise only hurts)
+            out.copy_(self.theta[start:stop].expand(s, stop - start))
+            return out
         for lo, go, length in self.runs:
             first, last = max(lo, start), min(lo + length, stop)
             if first >= last:
@@ -466,12 +491,54 @@ class L2MPosterior:
 
         return predict(self, model, inputs, num_samples=num_samples, seed=seed, **kwargs)  # type: ignore[arg-type]
 
+    def calibrated(self, model: nn.Module, inputs: object, targets: Tensor, **kwargs: object) -> L2MPosterior:
+        """A new posterior, its temperature fitted on validation data; see :func:`l2m_fast.calibration.calibrate`."""
+        from .calibration import calibrate
+
+        return calibrate(self, model, inputs, targets, **kwargs)  # type: ignore[arg-type]
+
+    def to_laplace(self, model: nn.Module, likelihood: str, **kwargs: object) -> object:
+        """This posterior as a laplace-torch ``DiagLaplace``: :func:`l2m_fast.integrations.laplace_torch.to_laplace`."""
+        from .integrations.laplace_torch import to_laplace
+
+        return to_laplace(self, model, likelihood, **kwargs)  # type: ignore[arg-type]
+
+    def scaled(
+        self, temperature: float, logit_temperature: float | None = None, calibration: object = None
+    ) -> L2MPosterior:
+        """A new posterior, this one with its variance multiplied by ``temperature`` (theta and v shared).
+
+        Args:
+            temperature: tau >= 0, multiplies every variance (divides ``a`` and ``b``); 0 gives the MAP:
+                every sample is theta and the predictive is the MAP's.
+            logit_temperature: T > 0, divides the logits in the classification predictive. Default None:
+                this posterior's.
+            calibration: the report of the calibration that chose them, kept as ``calibration``.
+
+        Returns:
+            The new posterior; ``temperature`` is this one's times ``temperature``.
+        """
+        tau = float(temperature)
+        if not math.isfinite(tau) or tau < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        t_logit = self.logit_temperature if logit_temperature is None else float(logit_temperature)
+        if not math.isfinite(t_logit) or t_logit <= 0:
+            raise ValueError(f"logit_temperature must be a finite number > 0, got {logit_temperature!r}")
+        new = copy.copy(self)
+        if tau > 0:
+            new.seg_a, new.seg_b = self.seg_a / tau, self.seg_b / tau
+        new.temperature = self.temperature * tau
+        new.logit_temperature = t_logit
+        new.calibration = calibration
+        new._reset_caches()
+        return new
+
     # ---------------------------------------------------------------- persistence
 
     def state_dict(self) -> dict[str, object]:
-        """A ``torch.save``-able description of the posterior."""
+        """A ``torch.save``-able description of the posterior (checked on load: :mod:`l2m_fast.posterior_state`)."""
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "layout": self.layout.to_spec(),
             "theta": self.theta,
             "v": self.v,
@@ -479,48 +546,47 @@ class L2MPosterior:
             "seg_b": self.seg_b,
             "seg_bounds": self.seg_bounds,
             "mode": self.mode,
-            "kept_at_map": list(self.kept_at_map),
+            "kept_at_map": [list(k) for k in self.kept_at_map],
             "param_dtypes": {n: str(d).removeprefix("torch.") for n, d in self.param_dtypes.items()},
             "groups": dict(self.groups),
-            "coeffs": dict(self._coeffs),
+            "coeffs": {n: list(c) for n, c in self.coefficients.items()},
             "runs": [list(r) for r in self.runs],
             "global_numel": self.global_numel,
             "is_sharded": self.is_sharded,
+            "temperature": self.temperature,
+            "logit_temperature": self.logit_temperature,
         }
 
+    def _assign(self, st: PosteriorState, device: torch.device | str | None) -> None:
+        for name in ("layout", "mode", "kept_at_map", "param_dtypes", "groups", "coefficients", "runs"):
+            setattr(self, name, getattr(st, name))
+        for name in ("theta", "v", "seg_a", "seg_b", "seg_bounds"):
+            t = getattr(st, name)
+            setattr(self, name, t if device is None else t.to(device))
+        self.global_numel, self.is_sharded = st.global_numel, st.is_sharded
+        self.temperature, self.logit_temperature = st.temperature, st.logit_temperature
+        self.evidence = None
+        self.calibration = None
+        self._reset_caches()
+
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Loads a :meth:`state_dict`; the layout (names and shapes, in order) must match this posterior's."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported posterior state version {state.get('version')!r}")
-        layout = FlatLayout.from_shapes(state["layout"])  # type: ignore[arg-type]
-        if layout != self.layout:
-            ours, theirs = self.layout.to_spec(), layout.to_spec()
+        """Loads a :meth:`state_dict`; the layout (names and shapes, in order) must match this posterior's.
+
+        Raises:
+            ValueError: the state fails a check (:mod:`l2m_fast.posterior_state`) or its layout differs.
+        """
+        st = check_state(state)
+        if st.layout != self.layout:
+            ours, theirs = self.layout.to_spec(), st.layout.to_spec()
             diff = next(((x, y) for x, y in zip(ours, theirs) if x != y), (len(ours), len(theirs)))
             raise ValueError(f"the state's layout does not match this posterior's (first difference: {diff})")
-        device = self.device
-        self.theta = state["theta"].to(device)  # type: ignore[union-attr]
-        self.v = state["v"].to(device)  # type: ignore[union-attr]
-        self.seg_a = state["seg_a"].to(device)  # type: ignore[union-attr]
-        self.seg_b = state["seg_b"].to(device)  # type: ignore[union-attr]
-        self.seg_bounds = state["seg_bounds"].to(device)  # type: ignore[union-attr]
-        self.mode = str(state["mode"])
-        self.kept_at_map = tuple(tuple(x) for x in state["kept_at_map"])  # type: ignore[union-attr]
-        self.param_dtypes = {n: getattr(torch, d) for n, d in state["param_dtypes"].items()}  # type: ignore[union-attr]
-        self.groups = dict(state["groups"])  # type: ignore[arg-type]
-        self._coeffs = dict(state["coeffs"])  # type: ignore[arg-type]
-        self.runs = tuple(tuple(r) for r in state.get("runs", [(0, 0, layout.numel)]))  # type: ignore[union-attr]
-        self.global_numel = int(state.get("global_numel", layout.numel))  # type: ignore[arg-type]
-        self.is_sharded = bool(state.get("is_sharded", False))
-        self._reset_caches()
-        check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
+        self._assign(st, self.device)
 
     @classmethod
     def from_saved(cls, state: Mapping[str, object], device: torch.device | str | None = None) -> L2MPosterior:
-        """Rebuilds a posterior from :meth:`state_dict` alone (no model needed)."""
+        """Rebuilds a posterior from :meth:`state_dict` alone (no model needed), on ``device`` if given."""
         post = cls.__new__(cls)
-        post.layout = FlatLayout.from_shapes(state["layout"])  # type: ignore[arg-type]
-        post.theta = torch.empty(0, device=device)
-        post.load_state_dict(state)
+        post._assign(check_state(state), device)
         return post
 
     def __repr__(self) -> str:
@@ -528,7 +594,8 @@ class L2MPosterior:
         groups = sorted(set(self.groups.values()))
         lines = [
             f"L2MPosterior(P={self.num_params:,}, tensors={len(self.layout)}, groups={groups}, segments={g}, "
-            f"mode={self.mode!r}, dtype={self.theta.dtype}, device={self.device})"
+            f"mode={self.mode!r}, temperature={self.temperature:.4g}, logit_temperature={self.logit_temperature:.4g}, "
+            f"dtype={self.theta.dtype}, device={self.device})"
         ]
         if self.kept_at_map:
             shown = ", ".join(f"{n} ({why})" for n, why in self.kept_at_map[:6])

@@ -13,15 +13,15 @@ PKG = Path(__file__).resolve().parents[1] / "l2m_fast"
 # Lowest first. A module may import, at module level, only from its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
     ("_env", "_build_config", "_version", "ops"),
-    ("layout", "modes", "optim", "sharding"),
+    ("layout", "modes", "optim", "sharding", "posterior_state", "evidence"),
     ("posterior",),
     ("inplace",),
     ("predictive",),
-    ("ensemble", "integrations", "distributed"),
+    ("ensemble", "integrations", "distributed", "calibration"),
     ("benchmarking", "cli", "demo", "examples", "__init__"),
 ]
 # Function-level imports of a higher layer: only the posterior's one-line delegating methods.
-DELEGATORS = {"posterior": {"inplace", "predictive"}}
+DELEGATORS = {"posterior": {"inplace", "predictive", "calibration", "integrations"}}
 
 
 def _module_name(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""How the predictive evaluates the samples: vmap or a loop, and how many samples per chunk.
+"""How the predictive evaluates the samples: vmap or a loop, how many samples and how many inputs at once.
 
 **The loop-vs-vmap rule** (``method="auto"``, the default):
 
@@ -11,22 +11,29 @@
    first-touch allocations would bias the timing), the second vmapped and timed, and the next few
    samples (a quarter of a chunk, at least 2) looped and timed; the faster per sample evaluates the
    rest, and the choice is cached for the model, input shapes and arguments, so later calls do not
-   measure again. Every sample is used, so the trial
-   costs nothing beyond the slower method's share of it.
+   measure again. Every sample is used, so the trial costs nothing beyond the slower method's share.
 3. When S is at most two chunks there is too little to compare on: *vmap*, unless a cached
    measurement chose the loop. Likewise under an initialised ``torch.distributed`` process group,
    where a timing could differ between ranks whose forwards communicate: *vmap* (or the loop of 1.).
 
 ``method="vmap"`` or ``"loop"`` overrides the rule (``"vmap"`` then raises rather than falls back).
-The plan (method, chunk size) is cached per model, input shapes, train/eval modes and arguments, so
-repeated calls skip the probe forward.
+The plan is cached per model, covered parameters, input shapes, train/eval modes and arguments, so
+repeated calls skip the probe forward. The linearized predictive follows the same rule with
+``torch.func.jvp`` in place of the forward.
 
-**Chunk size**: ``chunk_size`` when given, else the largest that keeps the chunk's working set under
-``max_memory`` bytes and the data it streams through under :data:`CACHE_BYTES` (smaller chunks stay
-in cache). The working set per sample is estimated from one probe forward at the MAP: the sample row
-(P elements), plus, for vmap, the bytes of every op output of one forward (an upper bound
-on what is alive at once), the inputs (a batched matmul may materialise them per sample) and four
-times the output (float64 reductions). Kept samples (``keep_samples=True``) are not counted.
+**Chunks of samples and of inputs.** One probe forward at the MAP, under ``no_grad`` on the first few
+inputs (all of them when the inputs cannot be split), measures the bytes every op returns (an upper
+bound on the activations alive at once) and scales them to the whole batch. A *sample* of the chunk
+costs its sample row (P elements) plus, for vmap, those activations (twice for a linearized jvp:
+primal and tangent), the inputs and four times the output (float64 reductions); a loop holds one
+forward's activations at a time. Inputs are split along their first dimension into *input chunks*
+when one sample over the whole batch would not fit in ``max_memory`` (so activations sized for the
+whole batch are never allocated, let alone page-faulted, per sample); inputs can be split when every
+tensor argument has the same first dimension. Then as many samples go into a chunk as keep its
+working set under ``max_memory`` and the data one chunk streams through under :data:`CACHE_BYTES`
+(chunks that stay in cache run faster). ``chunk_size`` and ``input_chunk`` fix either by hand. Kept
+outputs (``keep_samples=True``) are not counted. A loop without a probe (batch norm in training mode,
+whose statistics a probe would update) keeps the inputs whole unless ``input_chunk`` is given.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ __all__ = [
     "remember_plan",
     "sample_dtype",
     "as_args",
+    "batch_size_of",
+    "split_args",
     "DEFAULT_MAX_MEMORY",
     "CACHE_BYTES",
     "Task",
@@ -64,9 +73,10 @@ DEFAULT_MAX_MEMORY = 256 << 20
 """Default memory budget of one chunk, in bytes (256 MiB)."""
 
 CACHE_BYTES = 16 << 20
-"""Soft cap on the data one chunk streams through when the chunk size is chosen for you: a vmapped
-chunk's activations, or a looped chunk's sample rows (chunks that stay in cache ran faster on the
-benchmark models, see benchmarks/RESULTS.md)."""
+"""Soft cap on the data one chunk streams through when the number of samples per chunk is chosen for
+you: a vmapped chunk's activations, or a looped chunk's sample rows."""
+
+_PROBE_INPUTS = 8  # inputs the probe forward runs on when the batch can be split (scaled to the batch)
 
 Task = Literal["regression", "classification"]
 Method = Literal["auto", "vmap", "loop"]
@@ -81,8 +91,10 @@ class PredictPlan:
         method: ``"vmap"`` or ``"loop"``.
         chunk_size: samples per chunk.
         reason: why this method.
-        flops_per_sample: flops of one forward (0 when not probed; for information).
-        bytes_per_sample: estimated working set of one sample in a chunk.
+        flops_per_sample: flops of one forward over the whole batch (0 when not probed; for information).
+        bytes_per_sample: estimated working set of one sample in a chunk (over one input chunk).
+        input_chunk: inputs evaluated at once (the batch size when the inputs are not split).
+        measured: whether the method was chosen by timing both.
     """
 
     method: str
@@ -90,6 +102,7 @@ class PredictPlan:
     reason: str
     flops_per_sample: int
     bytes_per_sample: int
+    input_chunk: int = 0
     measured: bool = False
 
 
@@ -124,6 +137,20 @@ def as_args(inputs: Any) -> tuple[Any, ...]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
+def batch_size_of(args: tuple[Any, ...]) -> int | None:
+    """B when every tensor argument has at least one dimension and the same first one (splittable), else None."""
+    sizes = {t.shape[0] for t in args if isinstance(t, Tensor) and t.dim() > 0}
+    scalars = [t for t in args if isinstance(t, Tensor) and t.dim() == 0]
+    if len(sizes) != 1 or scalars:
+        return None
+    return next(iter(sizes))
+
+
+def split_args(args: tuple[Any, ...], start: int, stop: int) -> tuple[Any, ...]:
+    """The arguments for inputs ``start .. stop - 1``: tensor arguments sliced along dim 0, others as they are."""
+    return tuple(t[start:stop] if isinstance(t, Tensor) else t for t in args)
+
+
 def _nbytes(tree: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, Tensor))
 
@@ -156,51 +183,6 @@ def plan_key(params: Mapping[str, nn.Parameter], model: nn.Module, args: tuple[A
     return (covered, leaves, modes, *rest)
 
 
-def plan_predict(
-    posterior: L2MPosterior,
-    model: nn.Module,
-    inputs: Any,
-    num_samples: int,
-    *,
-    method: Method = "auto",
-    chunk_size: int | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY,
-    output_fn: OutputFn | None = None,
-) -> PredictPlan:
-    """Chooses vmap or loop and the chunk size, as :func:`predict` would (arguments as there)."""
-    if method not in ("auto", "vmap", "loop"):
-        raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if max_memory <= 0:
-        raise ValueError(f"max_memory must be positive, got {max_memory}")
-    s = max(num_samples, 1)
-    params = posterior.parameters_of(model)
-    row_bytes = posterior.num_params * sample_dtype(params).itemsize
-    if method != "auto" and chunk_size is not None:
-        return PredictPlan(method, min(chunk_size, s), "chosen by the caller", 0, 0)
-    if method == "auto":
-        blocker = _vmap_blocker(model)
-        if blocker is not None and chunk_size is not None:
-            return PredictPlan("loop", min(chunk_size, s), blocker, 0, 0)
-    else:
-        blocker = None
-    if blocker is not None or method == "loop":
-        # a loop holds one sample row per chunk entry: no probe forward, which would also update batch
-        # norm statistics or draw dropout masks once more than the samples do
-        if chunk_size is None:
-            chunk_size = max(1, min(s, max_memory // max(row_bytes, 1), CACHE_BYTES // max(row_bytes, 1)))
-        return PredictPlan("loop", min(chunk_size, s), blocker or "chosen by the caller", 0, row_bytes)
-    args = as_args(inputs)
-    key = plan_key(params, model, args, num_samples, method, chunk_size, max_memory, output_fn)
-    cached = _PLANS.get(model, {}).get(key)
-    if cached is not None:
-        return cached
-    plan = _probe_plan(model, args, s, row_bytes, method, chunk_size, max_memory, output_fn, blocker)
-    remember_plan(model, key, plan)
-    return plan
-
-
 def remember_plan(model: nn.Module, key: tuple, plan: PredictPlan) -> None:
     """Caches a plan, keeping the newest :data:`_MAX_PLANS` per model (keys hold ``output_fn`` objects)."""
     plans = _PLANS.setdefault(model, {})
@@ -208,43 +190,6 @@ def remember_plan(model: nn.Module, key: tuple, plan: PredictPlan) -> None:
     plans[key] = plan
     while len(plans) > _MAX_PLANS:
         plans.pop(next(iter(plans)))
-
-
-def _probe_plan(
-    model: nn.Module,
-    args: tuple[Any, ...],
-    s: int,
-    row_bytes: int,
-    method: str,
-    chunk_size: int | None,
-    max_memory: int,
-    output_fn: OutputFn | None,
-    blocker: str | None,
-) -> PredictPlan:
-    """One forward at the MAP under a flop counter and an output-bytes counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = _OutputBytes()
-    flops = FlopCounterMode(display=False)
-    with torch.no_grad(), flops, counter:
-        out = model(*args)
-        if output_fn is not None:
-            out = output_fn(out)
-    nflops = int(flops.get_total_flops())
-    if blocker is not None:
-        chosen, reason = "loop", blocker
-    elif method != "auto":
-        chosen, reason = method, "chosen by the caller"
-    else:
-        chosen, reason = "vmap", "not measured yet: predict times vmap against a loop on its first chunks"
-    per_sample = row_bytes
-    hot = row_bytes  # what one sample adds to the data a chunk streams through
-    if chosen == "vmap":
-        per_sample += counter.total + _nbytes(args) + 4 * _nbytes(out)
-        hot = counter.total
-    if chunk_size is None:
-        chunk_size = max(1, min(s, max_memory // max(per_sample, 1), CACHE_BYTES // max(hot, 1)))
-    return PredictPlan(chosen, min(chunk_size, s), reason, nflops, per_sample)
 
 
 def sample_dtype(params: Mapping[str, nn.Parameter]) -> torch.dtype:
@@ -259,3 +204,116 @@ def sample_dtype(params: Mapping[str, nn.Parameter]) -> torch.dtype:
         if dt in OUTPUT_DTYPES:
             return dt
     return torch.float32
+
+
+def _positive(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def plan_predict(
+    posterior: L2MPosterior,
+    model: nn.Module,
+    inputs: Any,
+    num_samples: int,
+    *,
+    method: Method = "auto",
+    chunk_size: int | None = None,
+    input_chunk: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    output_fn: OutputFn | None = None,
+    linearized: bool = False,
+) -> PredictPlan:
+    """Chooses vmap or loop, the samples per chunk and the inputs per chunk, as :func:`predict` would.
+
+    Args:
+        posterior, model, inputs, num_samples, method, chunk_size, input_chunk, max_memory, output_fn,
+            linearized: as in :func:`l2m_fast.predictive.predict`.
+
+    Returns:
+        The plan (cached per model and arguments after the first probe).
+    """
+    if method not in ("auto", "vmap", "loop"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
+    if chunk_size is not None:
+        _positive(chunk_size, "chunk_size")
+    if input_chunk is not None:
+        _positive(input_chunk, "input_chunk")
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or not max_memory > 0:
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    s = max(num_samples, 1)
+    params = posterior.parameters_of(model)
+    args = as_args(inputs)
+    batch = batch_size_of(args)
+    row_bytes = posterior.num_params * sample_dtype(params).itemsize
+    blocker = _vmap_blocker(model)
+    whole = batch or 1
+    fixed_inputs = min(input_chunk, whole) if input_chunk is not None and batch is not None else whole
+    if blocker is not None and method != "vmap":
+        # batch norm or dropout in training mode: a loop, and no probe forward, which would update the
+        # statistics or draw masks once more than the samples do; one sample row per chunk entry, the
+        # inputs whole unless the caller split them
+        why = blocker if method == "auto" else "chosen by the caller"
+        c = chunk_size or max(1, min(s, int(max_memory) // max(row_bytes, 1), CACHE_BYTES // max(row_bytes, 1)))
+        return PredictPlan("loop", min(c, s), why, 0, row_bytes, fixed_inputs)
+    if method != "auto" and chunk_size is not None and (input_chunk is not None or batch is None):
+        return PredictPlan(method, min(chunk_size, s), "chosen by the caller", 0, 0, fixed_inputs)
+    key = plan_key(params, model, args, num_samples, method, chunk_size, input_chunk, max_memory, output_fn, linearized)
+    cached = _PLANS.get(model, {}).get(key)
+    if cached is not None:
+        return cached
+    plan = _probe_plan(
+        model, args, batch, s, row_bytes, method, chunk_size, input_chunk, max_memory, output_fn, linearized
+    )
+    remember_plan(model, key, plan)
+    return plan
+
+
+def _probe_plan(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    batch: int | None,
+    s: int,
+    row_bytes: int,
+    method: str,
+    chunk_size: int | None,
+    input_chunk: int | None,
+    max_memory: float,
+    output_fn: OutputFn | None,
+    linearized: bool,
+) -> PredictPlan:
+    """One forward at the MAP on a few inputs under a flop counter and an output-bytes counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe_n = batch if batch is None else min(batch, _PROBE_INPUTS)
+    probe_args = args if batch is None else split_args(args, 0, probe_n)
+    counter = _OutputBytes()
+    flops = FlopCounterMode(display=False)
+    with torch.no_grad(), flops, counter:
+        out = model(*probe_args)
+        if output_fn is not None:
+            out = output_fn(out)
+    scale = 1.0 if batch is None else batch / probe_n
+    whole = batch or 1
+    activations = counter.total * scale * (2 if linearized else 1)  # jvp: primal and tangent
+    per_input = (activations + _nbytes(args) + 4 * _nbytes(out) * scale) / whole
+    nflops = int(flops.get_total_flops() * scale)
+    chosen = method if method != "auto" else "vmap"
+    reason = "chosen by the caller" if method != "auto" else "not measured yet: timed against a loop first"
+    budget = float(max_memory)
+    if input_chunk is not None or batch is None:
+        inputs_at_once = min(input_chunk or whole, whole)
+    elif row_bytes + per_input * whole <= budget:
+        inputs_at_once = whole
+    else:  # one sample over every input does not fit: split the inputs
+        inputs_at_once = int(max(1, min(whole, (budget - row_bytes) // max(per_input, 1.0))))
+    act_chunk = activations / whole * inputs_at_once
+    if chosen == "vmap":
+        per_sample = row_bytes + per_input * inputs_at_once
+        hot = act_chunk
+    else:  # a loop holds one sample's activations at a time
+        per_sample, hot = row_bytes, row_bytes
+    if chunk_size is None:
+        chunk_size = int(max(1, min(s, budget // max(per_sample, 1), CACHE_BYTES // max(hot, 1))))
+    return PredictPlan(chosen, min(chunk_size, s), reason, nflops, int(per_sample), inputs_at_once)
