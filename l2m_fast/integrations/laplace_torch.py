@@ -84,7 +84,7 @@ def to_laplace(
     if posterior.is_sharded:
         raise NotImplementedError("laplace-torch works on whole parameters: export from an unsharded posterior")
     if posterior.temperature == 0:
-        raise ValueError("a zero-temperature posterior is the MAP: its precision is infinite, which laplace-torch lacks")
+        raise ValueError("a zero-temperature posterior is the MAP: its precision is infinite, laplace-torch's is not")
     params = posterior.parameters_of(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if trainable != list(params):
