@@ -10,9 +10,9 @@ minimises the validation negative log-likelihood. No pass over the training data
   ``f_s(tau) = f(x) + sqrt(tau) J(x) sigma z_s``, so one pass of jvps over the validation set at tau = 1
   gives every ``J(x) sigma z_s`` and every tau is scored from them without another forward.
 * **Sampled** (``linearized=False``): one sampled predictive per tau tried (common random numbers).
-* **Search**: log10 tau on a grid over ``search`` (default [-8, 4], step 0.5) plus tau = 0 (the MAP,
-  always a candidate: when noise only hurts, tau = 0 is chosen and reported), then a golden-section
-  refinement around the best grid point.
+* **Search**: log10 tau on a grid over ``search`` (default [-8, 4], step 0.5) plus tau = 0 (the MAP),
+  then a golden-section refinement around the best grid point. tau = 0 is chosen, and reported, unless
+  some tau > 0 gains more than ``min_gain`` nats: when noise does not help it is not kept.
 * **Classification**: a logit temperature T is fitted jointly (for each tau, the T that minimises the
   NLL), as temperature scaling does (Guo et al. 2017): posterior noise can only soften an
   under-confident MAP, so the posterior is scored on top of the standard baseline, not instead of it.
@@ -174,19 +174,23 @@ def _check_targets(task: str, f0: Any, targets: Tensor) -> Tensor:
 
 
 def _search(
-    score: Callable[[float], float], grid: list[float]
+    score: Callable[[float], float], grid: list[float], min_gain: float
 ) -> tuple[float, float, float, list[tuple[float, float]]]:
-    """Best tau over {0} and 10^grid, refined by golden section; returns (tau, nll, nll at 0, curve)."""
+    """Best tau over {0} and 10^grid, refined by golden section; returns (tau, nll, nll at 0, curve).
+
+    tau = 0 (the MAP) wins unless some tau > 0 lowers the NLL by more than ``min_gain``.
+    """
     curve = [(-math.inf, score(0.0))]
     curve += [(g, score(10.0**g)) for g in grid]
-    best_g, best = min(curve, key=lambda gc: gc[1])
-    if best_g == -math.inf:
-        return 0.0, best, curve[0][1], curve
+    map_nll = curve[0][1]
+    best_g, best = min(curve[1:], key=lambda gc: gc[1])
     step = grid[1] - grid[0] if len(grid) > 1 else 0.5
     g, val = _golden_min(lambda g: score(10.0**g), best_g - step, best_g + step, iters=16)
     if val < best:
         best_g, best = g, val
-    return 10.0**best_g, best, curve[0][1], curve
+    if not best < map_nll - min_gain:
+        return 0.0, map_nll, map_nll, curve
+    return 10.0**best_g, best, map_nll, curve
 
 
 def calibrate(
@@ -204,6 +208,7 @@ def calibrate(
     noise_var: float | None = None,
     search: tuple[float, float] = (-8.0, 4.0),
     step: float = 0.5,
+    min_gain: float = 1e-4,
     output_fn: Any = None,
     **predict_kwargs: Any,
 ) -> L2MPosterior:
@@ -225,6 +230,8 @@ def calibrate(
         noise_var: regression without a Gaussian head: the noise variance; None fits one jointly.
         search: log10 tau range of the grid. Default (-8, 4).
         step: grid step in log10 tau. Default 0.5.
+        min_gain: the validation NLL (nats per input) a tau > 0 must gain over tau = 0 to be chosen;
+            otherwise the MAP (tau = 0) is returned: noise that does not help is not kept. Default 1e-4.
         output_fn: maps the model's output (as in :func:`l2m_fast.predictive.predict`).
         **predict_kwargs: passed to the predictive (``method``, ``max_memory``, ``progress``, ...).
 
@@ -309,7 +316,7 @@ def calibrate(
             memo[tau] = score_t(tau)
         return memo[tau][0]
 
-    tau, nll, map_nll, curve = _search(score, grid)
+    tau, nll, map_nll, curve = _search(score, grid, min_gain)
     second = memo[tau][1]
     report = CalibrationReport(
         temperature=tau,

@@ -85,6 +85,39 @@ def test_laplace_rejects_other_structures() -> None:
         from_laplace(la)
 
 
+def test_to_laplace_gives_laplace_torch_our_posterior_and_its_predictives_agree() -> None:
+    laplace = pytest.importorskip("laplace")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from l2m_fast import L2MPosterior
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(64, 2)
+    y = torch.randint(0, 3, (64,))
+    model[0].weight.requires_grad_(False)  # a subset: the posterior covers what requires grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+        la.fit(DataLoader(TensorDataset(x, y), batch_size=32))
+    la.prior_precision = torch.tensor([0.5, 2.0, 3.0])
+    from l2m_fast.integrations.laplace_torch import from_laplace
+
+    ours = from_laplace(la).scaled(0.5)  # an L2M posterior (half laplace-torch's variance) ...
+    exported = ours.to_laplace(model, "classification", n_outputs=3)  # ... as a DiagLaplace, no fit
+    torch.testing.assert_close(exported.posterior_variance.float(), ours.variance(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(exported.mean.float(), ours.theta)
+    la.prior_precision = la.prior_precision * 2.0  # the same distribution, fitted by laplace-torch itself
+    la.H = la.H * 2.0
+    xq = torch.randn(9, 2)
+    for link in ("probit", "bridge"):
+        want = la(xq, pred_type="glm", link_approx=link)
+        torch.testing.assert_close(exported(xq, pred_type="glm", link_approx=link), want, rtol=1e-5, atol=1e-6)
+    subset = L2MPosterior({"2.bias": model[2].bias}, {"2.bias": torch.ones(3)}, b=1.0)
+    with pytest.raises(ValueError, match="requires_grad_"):
+        subset.to_laplace(model, "classification", n_outputs=3)
+
+
 # ------------------------------------------------------------------------------------------------- IVON
 
 
