@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .modes import PerGroup, explicit_fisher_scale
 from .optim import ParamMoment
 
 __all__ = [
@@ -216,10 +215,8 @@ def evidence_prior(
     moments: Sequence[ParamMoment],
     params: Mapping[str, Tensor],
     how: str,
+    fisher_scales: Sequence[float],
     prior_mean: Mapping[str, Tensor] | nn.Module | None = None,
-    fisher_scale: PerGroup = None,
-    num_data: int | None = None,
-    batch_size: int | None = None,
 ) -> EvidenceFit:
     """Explicit mode's evidence-maximising prior precision from the moments (``prior_precision="evidence"``).
 
@@ -232,7 +229,7 @@ def evidence_prior(
         params: name -> the trained parameter (theta).
         how: ``"evidence"`` (one precision) or ``"evidence_per_group"``.
         prior_mean: see :func:`prior_means`.
-        fisher_scale, num_data, batch_size: explicit mode's options (the scale of ``v_hat``).
+        fisher_scales: explicit mode's multiplier of ``v_hat``, one per moment.
     """
     if how not in EVIDENCE:
         raise ValueError(f"prior_precision must be a number, a sequence or mapping by group, or one of {EVIDENCE}")
@@ -243,8 +240,7 @@ def evidence_prior(
         )
     mu0 = prior_means(prior_mean, {m.name: params[m.name] for m in moments})
     h, d2, groups = [], [], []
-    for m in moments:
-        fs = explicit_fisher_scale(m, fisher_scale, num_data, batch_size)
+    for m, fs in zip(moments, fisher_scales, strict=True):
         v_hat = m.v.detach().double() * m.scale + m.shift
         h.append((fs * v_hat).clamp(min=0.0))
         d2.append((params[m.name].detach().double() - mu0[m.name].double()).square())

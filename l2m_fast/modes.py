@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .evidence import EvidenceFit, evidence_prior
 from .layout import FlatLayout
 from .optim import ParamMoment
 
@@ -34,6 +35,7 @@ __all__ = [
     "explicit_fisher_scale",
     "segments",
     "restrict_segments",
+    "coefficients",
     "MODES",
 ]
 
@@ -155,6 +157,50 @@ def explicit_coefficients(
             "fisher_scale and prior_precision must be >= 0 and temperature > 0",
         )
     return fs * m.scale / t, (fs * m.shift + pp) / t
+
+
+_OPTIONS = {
+    "paper": {"weight_decay", "eps"},
+    "explicit": {"fisher_scale", "prior_precision", "temperature", "num_data", "batch_size", "prior_mean"},
+}
+
+
+def coefficients(
+    moments: Sequence[ParamMoment], params: Mapping[str, Tensor], mode: str, options: Mapping[str, object]
+) -> tuple[list[tuple[float, float]], EvidenceFit | None]:
+    """Each covered parameter's ``(a, b)`` in ``mode``, and the evidence fit when the prior precision asks for it.
+
+    Args:
+        moments: the covered parameters' second moments (or Fisher diagonals), in flat order.
+        params: name -> the trained parameter (theta), for the evidence.
+        mode: ``"paper"`` or ``"explicit"``.
+        options: the mode's options (see :func:`paper_coefficients`, :func:`explicit_coefficients`);
+            explicit mode also takes ``prior_precision="evidence"`` or ``"evidence_per_group"`` with
+            ``prior_mean`` (:mod:`l2m_fast.evidence`).
+
+    Raises:
+        ValueError: an unknown mode. TypeError: options that do not apply to the mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    unknown = set(options) - _OPTIONS[mode]
+    if unknown:
+        raise TypeError(f"{sorted(unknown)} do not apply to mode={mode!r}")
+    if mode == "paper":
+        return [paper_coefficients(m, **options) for m in moments], None  # type: ignore[arg-type]
+    opts = dict(options)
+    prior_mean = opts.pop("prior_mean", None)
+    evidence = None
+    if isinstance(opts.get("prior_precision"), str):
+        scales = [
+            explicit_fisher_scale(m, opts.get("fisher_scale"), opts.get("num_data"), opts.get("batch_size"))  # type: ignore[arg-type]
+            for m in moments
+        ]
+        evidence = evidence_prior(moments, params, str(opts["prior_precision"]), scales, prior_mean)  # type: ignore[arg-type]
+        opts["prior_precision"] = evidence.prior_precision
+    elif prior_mean is not None:
+        raise TypeError("prior_mean is used by prior_precision='evidence' only (the posterior's mean is theta)")
+    return [explicit_coefficients(m, **opts) for m in moments], evidence  # type: ignore[arg-type]
 
 
 def segments(coeffs: Sequence[tuple[float, float]], layout: FlatLayout) -> tuple[Tensor, Tensor, Tensor]:

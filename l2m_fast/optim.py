@@ -34,6 +34,7 @@ __all__ = [
     "optimizer_kind",
     "moments_from_optimizer",
     "moments_from_state_dict",
+    "select_named_parameters",
 ]
 
 _ADAM = "adam"
@@ -168,6 +169,20 @@ def _check_filter_names(model: nn.Module, params: ParamFilter) -> None:
     unknown = [n for n in params if n not in known]
     if unknown:
         raise KeyError(f"params names {unknown} are not parameters of the model; known: {sorted(known)[:10]}")
+
+
+def select_named_parameters(model: nn.Module, params: ParamFilter = None) -> list[tuple[str, nn.Parameter]]:
+    """The model's ``(name, parameter)`` pairs a selection picks, in the model's order.
+
+    Args:
+        model: the model.
+        params: None (all), a list of names, or a predicate ``(name, param) -> bool``.
+
+    Raises:
+        TypeError: one string instead of a list. KeyError: names that are not parameters of the model.
+    """
+    _check_filter_names(model, params)
+    return [(n, p) for n, p in model.named_parameters() if _selected(n, p, params)]
 
 
 def _moment(

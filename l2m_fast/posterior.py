@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import operator
-import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,13 +18,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .evidence import evidence_prior
+from .construction import FromSources
 from .layout import FlatLayout
-from .modes import MODES, PerGroup, explicit_coefficients, paper_coefficients, restrict_segments, segments
+from .modes import PerGroup, restrict_segments, segments
 from .ops.sample import MAX_SAMPLES, OUTPUT_DTYPES, check_values, sample_diag_gaussian
-from .optim import ParamFilter, ParamMoment, moments_from_optimizer, moments_from_state_dict
 from .posterior_state import STATE_VERSION, PosteriorState, check_state
-from .sharding import is_dtensor, local_box, localize, reshard_fsdp
+from .sharding import local_box
+from .snapshot import take_snapshot
 
 if TYPE_CHECKING:
     from .inplace import SampleIterator
@@ -61,11 +60,12 @@ class SampleBatch:
         return self.layout.views(self.flat)
 
 
-class L2MPosterior:
+class L2MPosterior(FromSources):
     """Diagonal Gaussian ``N(theta, diag(a * v + b)^-1)`` over (some of) a model's parameters.
 
-    Build it with :meth:`from_optimizer` or :meth:`from_state_dict`; the constructor takes the pieces
-    directly, for any diagonal Gaussian whose precision is ``a * v + b``.
+    Build it with :meth:`from_optimizer`, :meth:`from_state_dict` or :meth:`from_fisher`
+    (:class:`~l2m_fast.construction.FromSources`); the constructor takes the pieces directly, for any
+    diagonal Gaussian whose precision is ``a * v + b``.
 
     Args:
         params: name -> parameter (the mean), in the order that fixes the flat layout.
@@ -133,154 +133,23 @@ class L2MPosterior:
         groups: Mapping[str, int],
         device: torch.device | str | None,
     ) -> None:
-        for name, p, v in entries:
-            if tuple(v.shape) != tuple(p.shape):
-                raise ValueError(f"parameter {name!r}: second moment shape {tuple(v.shape)} != {tuple(p.shape)}")
-            if not p.is_floating_point():
-                raise TypeError(f"parameter {name!r} is {p.dtype}: only floating-point parameters can be sampled")
-        wide = [name for name, p, _ in entries if p.dtype == torch.float64]
-        if wide:
-            warnings.warn(
-                f"parameters {wide[:4]} are float64: the sampling contract computes in float32, so the posterior's "
-                "mean is theta rounded to float32 and samples written back carry that rounding",
-                stacklevel=3,
-            )
-        if device is None:
-            device = entries[0][1].device if entries else torch.device("cpu")
-        device = torch.device(device)
-        # DTensor (FSDP2) parameters: keep this rank's local shards and their global flat indices.
-        self.runs: tuple[tuple[int, int, int], ...] = ((0, 0, sum(p.numel() for _, p, _ in entries)),)
-        self.global_numel = self.runs[0][2]
-        self.is_sharded = False
-        if any(is_dtensor(p) or is_dtensor(v) for _, p, v in entries):
-            entries, self.runs, self.global_numel, self.is_sharded = localize(entries)
-        self.layout = FlatLayout.from_shapes((n, p.shape) for n, p, _ in entries)
-        with torch.no_grad():
-            self.theta = self.layout.flatten({n: p for n, p, _ in entries}).to(device)
-            self.v = self.layout.flatten({n: v for n, _, v in entries}).to(device)
-            if self.layout.numel and self.theta.data_ptr() == entries[0][1].data_ptr():
-                self.theta = self.theta.clone()
+        snap = take_snapshot(entries, device)
+        self.layout, self.theta, self.v = snap.layout, snap.theta, snap.v
+        self.runs, self.global_numel, self.is_sharded = snap.runs, snap.global_numel, snap.is_sharded
+        self.param_dtypes = snap.param_dtypes
+        device = self.theta.device
         self.seg_a, self.seg_b, self.seg_bounds = (t.to(device) for t in segments(coeffs, self.layout))
         self.mode = mode
         self.temperature = 1.0
         self.logit_temperature = 1.0
         self.kept_at_map: tuple[tuple[str, str], ...] = tuple(kept_at_map)
-        self.param_dtypes = {n: p.dtype for n, p, _ in entries}
-        self.groups = {n: int(groups.get(n, 0)) for n, _, _ in entries}
-        self.coefficients = {n: (float(c[0]), float(c[1])) for (n, _, _), c in zip(entries, coeffs)}
+        self.groups = {n: int(groups.get(n, 0)) for n in self.layout.names}
+        self.coefficients = {n: (float(c[0]), float(c[1])) for n, c in zip(self.layout.names, coeffs)}
         self.evidence = None
         self.calibration = None
         self._reset_caches()
         if self.layout.numel:
             check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
-
-    @classmethod
-    def _from_moments(
-        cls,
-        model: nn.Module,
-        moments: list[ParamMoment],
-        kept: list[tuple[str, str]],
-        mode: str,
-        options: dict,
-    ) -> L2MPosterior:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not moments:
-            raise ValueError(
-                "no parameter is covered: the selection is empty or no parameter has optimizer state "
-                f"({len(kept)} left out: {[n for n, _ in kept][:5]})"
-            )
-        named = dict(model.named_parameters())
-        options = dict(options)
-        evidence = None
-        if mode == "paper":
-            unknown = set(options) - {"weight_decay", "eps"}
-            coeff_fn = paper_coefficients
-        else:
-            known = {"fisher_scale", "prior_precision", "temperature", "num_data", "batch_size", "prior_mean"}
-            unknown = set(options) - known
-            coeff_fn = explicit_coefficients
-        if unknown:
-            raise TypeError(f"{sorted(unknown)} do not apply to mode={mode!r}")
-        prior_mean = options.pop("prior_mean", None)
-        if isinstance(options.get("prior_precision"), str):
-            scale = {k: options.get(k) for k in ("fisher_scale", "num_data", "batch_size")}
-            evidence = evidence_prior(moments, named, str(options["prior_precision"]), prior_mean, **scale)
-            options["prior_precision"] = evidence.prior_precision
-        elif prior_mean is not None:
-            raise TypeError("prior_mean is used by prior_precision='evidence' only (the posterior's mean is theta)")
-        coeffs = [coeff_fn(m, **options) for m in moments]
-        post = cls.__new__(cls)
-        post._init(
-            [(m.name, named[m.name], m.v) for m in moments],
-            coeffs,
-            mode,
-            kept,
-            {m.name: m.group for m in moments},
-            None,
-        )
-        post.evidence = evidence
-        return post
-
-    @classmethod
-    def from_optimizer(
-        cls,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        mode: str = "paper",
-        params: ParamFilter = None,
-        missing: str = "raise",
-        **options: PerGroup | int,
-    ) -> L2MPosterior:
-        """The L2M posterior of a trained model from its live optimizer (Adam, AdamW, NAdam, RAdam,
-        RMSprop, Adagrad, Adadelta).
-
-        Args:
-            model: the trained model (its current weights are the MAP).
-            optimizer: the optimizer that trained it.
-            mode: ``"paper"`` (default; ``precision = v_hat + 1/weight_decay + eps``) or ``"explicit"``.
-            params: subset: parameter names, or a predicate ``(name, param) -> bool`` such as
-                ``lambda n, p: n.startswith("head.")``; the rest stay at the MAP. Default: all.
-            missing: ``"raise"`` (default) or ``"skip"`` for parameters the optimizer has no state for.
-            **options: paper mode: ``weight_decay``, ``eps`` overrides; explicit mode: ``fisher_scale``,
-                ``prior_precision``, ``temperature``, ``num_data``, ``batch_size``. Each a float, a
-                sequence indexed by group, or a mapping group -> value. Explicit mode's
-                ``prior_precision`` may also be ``"evidence"`` (one precision maximising the Laplace
-                evidence, no data needed: :mod:`l2m_fast.evidence`; the fit in ``post.evidence``) or
-                ``"evidence_per_group"``, with ``prior_mean`` (a state_dict or a model, e.g. the
-                pretrained weights; default zeros) as the prior's mean.
-        """
-        reshard_fsdp(model)  # an unsharded FSDP2 root registers plain tensors the optimizer does not hold
-        moments, kept = moments_from_optimizer(model, optimizer, params, missing)
-        return cls._from_moments(model, moments, kept, mode, options)
-
-    @classmethod
-    def from_state_dict(
-        cls,
-        model: nn.Module,
-        optimizer_state: Mapping[str, object],
-        *,
-        optimizer: type | None = None,
-        param_names: Sequence[str] | None = None,
-        mode: str = "paper",
-        params: ParamFilter = None,
-        missing: str = "raise",
-        **options: PerGroup | int,
-    ) -> L2MPosterior:
-        """The L2M posterior from a checkpoint: the model (weights loaded) and ``optimizer.state_dict()``.
-
-        Args:
-            model: the model, its weights the MAP.
-            optimizer_state: the optimizer's ``state_dict()``.
-            optimizer: the optimizer class, if it cannot be told from the state.
-            param_names: the model name of each state_dict parameter, in its order (see
-                :func:`l2m_fast.optim.moments_from_state_dict` for the default matching).
-            mode, params, missing, **options: as in :meth:`from_optimizer`.
-        """
-        reshard_fsdp(model)
-        moments, kept = moments_from_state_dict(model, optimizer_state, optimizer, param_names, params, missing)
-        return cls._from_moments(model, moments, kept, mode, options)
 
     # ---------------------------------------------------------------- properties
 

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "l2m_fast"
 # Lowest first. A module may import, at module level, only from its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
     ("_env", "_build_config", "_version", "ops"),
-    ("layout", "modes", "optim", "sharding", "posterior_state", "evidence"),
+    ("layout", "modes", "optim", "sharding", "posterior_state", "evidence", "fisher", "snapshot", "construction"),
     ("posterior",),
     ("inplace",),
     ("predictive",),
