@@ -23,7 +23,8 @@ predictives, calibration and evidence as the Adam posterior.
 Likelihoods: ``"classification"``, logits ``(..., C)`` (every leading position an example with its own
 label, e.g. tokens); ``"regression"``, means ``(B, ...)`` under Gaussian noise of standard deviation
 ``sigma`` (required), per-example loss ``|y - f|^2 / (2 sigma^2)``. Accumulation is in float32 whatever
-the parameters' dtype (AMP, bf16). Sharded (FSDP2) parameters accumulate their local shards.
+the parameters' dtype (AMP, bf16). DTensor parameters accumulate their local shards; FSDP2 modules are
+refused with a clear error (their parameters' gradients do not come from the autograd graph).
 """
 
 from __future__ import annotations
@@ -102,6 +103,20 @@ def _grads(loss: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) ->
         raise
 
 
+def _refuse_fsdp2(model: nn.Module) -> None:
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise NotImplementedError(
+            "FSDP2 (fully_shard) parameters are not in the autograd graph (their gradients arrive through FSDP2's "
+            "reduce-scatter hooks), so their sampled-label gradient cannot be taken apart from the training "
+            "gradient: track the Fisher on the unsharded model, or estimate it after training with fisher_diag on "
+            "an unsharded copy; DTensor parameters without FSDP2 are supported"
+        )
+
+
 class FisherTracker:
     """The sampled-label Fisher diagonal, accumulated during training (see the module docstring).
 
@@ -147,6 +162,7 @@ class FisherTracker:
         for name, value, low in (("every", every, 1), ("start", start, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        _refuse_fsdp2(model)
         self.params = {n: p for n, p in select_named_parameters(model, params) if p.requires_grad}
         if not self.params:
             raise ValueError("no parameter to track: the selection is empty or nothing requires grad")
