@@ -57,7 +57,8 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from .demo.regression import parse_methods, run_regression, score
-    from .demo.report import draw_figure, markdown_table, write_csv
+    from .demo.report import draw_figure
+    from .demo.tables import markdown_table, write_csv
     from .demo.toy import ToyConfig
 
     methods = parse_methods(args.methods)
@@ -104,21 +105,23 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from .demo.classification import CLS_COLUMNS, ClsConfig, run_classification
-    from .demo.report import markdown_table, write_csv
+    from .demo.tables import markdown_table, write_csv
 
-    cfg = ClsConfig(epochs=args.epochs, samples=args.samples, ensemble_size=args.ensemble_size)
+    seeds = tuple(range(args.seeds))
+    cfg = ClsConfig(epochs=args.epochs, samples=args.samples, ensemble_size=args.ensemble_size, seeds=seeds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        rows, notes = run_classification(cfg, bar=None if args.no_progress else _bar)
+        rows, notes, per_seed = run_classification(cfg, bar=None if args.no_progress else _bar)
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - t0
     table = markdown_table(rows, CLS_COLUMNS)
     write_csv(out / "classification.csv", rows)
+    write_csv(out / "classification_seeds.csv", [{"seed": s, **r} for s, rs in zip(seeds, per_seed) for r in rs])
     head = (
         f"Classification (scikit-learn digits). Machine: {_machine()} "
         f"(run with {args.threads} thread(s)). Wall {wall:.1f} s."
@@ -126,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
     md = "\n\n".join([head, table, *notes]) + "\n"
     (out / "classification.md").write_text(md)
     print(md)
-    print(f"tables: {out / 'classification.md'} {out / 'classification.csv'}")
+    print(f"tables: {out / 'classification.md'} {out / 'classification.csv'} {out / 'classification_seeds.csv'}")
     return 0
 
 
@@ -169,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="l2m_out", help="output folder (default l2m_out)")
     e.add_argument("--epochs", type=_positive_int, default=60, help="training epochs (default 60)")
     e.add_argument("--samples", type=_positive_int, default=100, help="posterior samples per method (default 100)")
+    e.add_argument("--seeds", type=_positive_int, default=3, help="seeds (rows are mean ± sd over them; default 3)")
     e.add_argument("--ensemble-size", type=_positive_int, default=5, help=argparse.SUPPRESS)
     e.add_argument("--threads", type=_positive_int, default=2, help=argparse.SUPPRESS)
     e.add_argument("--no-progress", action="store_true", help="no progress bars")

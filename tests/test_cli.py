@@ -57,11 +57,17 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
 
 def test_eval_classification(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    argv = ["eval", "classification", "--epochs", "2", "--samples", "4", "--ensemble-size", "2"]
+    argv = ["eval", "classification", "--epochs", "2", "--samples", "4", "--ensemble-size", "2", "--seeds", "2"]
     assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    for name in ("MAP", "L2M (paper mode)", "L2M (explicit mode)", "MC dropout", "Deep ensemble", "L2M ensemble"):
+    names = (
+        "MAP", "Temperature-scaled MAP", "L2M paper, sampled", "L2M paper, linearized + calibrated",
+        "L2M explicit, sampled + calibrated", "L2M explicit (evidence prior)", "L2M tracked Fisher",
+        "L2M partial-pass Fisher", "MC dropout", "Deep ensemble", "L2M ensemble",
+    )
+    for name in names:
         assert name in text
+    assert " ± " in text and (tmp_path / "classification_seeds.csv").is_file()
     assert "AUROC" in text and (tmp_path / "classification.csv").is_file()
     if importlib.util.find_spec("laplace") is None:
         assert "laplace-torch diagonal Laplace skipped" in text

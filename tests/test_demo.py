@@ -9,7 +9,8 @@ from l2m_fast import L2MPosterior
 from l2m_fast.demo.common import MethodRun
 from l2m_fast.demo.l2m_method import l2m_samples
 from l2m_fast.demo.regression import RegressionResult, parse_methods, score
-from l2m_fast.demo.report import draw_figure, markdown_table, write_csv
+from l2m_fast.demo.report import draw_figure
+from l2m_fast.demo.tables import markdown_table, write_csv
 from l2m_fast.demo.toy import NOISE_STD, ToyConfig, fresh_draws, grid, mlp, toy_data, train_map
 
 TINY = ToyConfig(epochs=40, samples=6, hidden=8)

@@ -1,8 +1,7 @@
-"""Tables (printed, markdown, CSV) and the six-panel figure of the demo."""
+"""The six-panel figure of the toy regression (the paper's Figure 1 with its baselines)."""
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,41 +10,10 @@ import torch
 
 from .regression import LABELS, RegressionResult
 
-__all__ = ["markdown_table", "write_csv", "draw_figure", "FIGURE_ORDER"]
+__all__ = ["draw_figure", "FIGURE_ORDER"]
 
 FIGURE_ORDER = ("rpf", "mc_dropout", "ensemble", "swag", "hmc", "l2m_paper")
 """The paper's panel order; the sixth panel is L2M in paper mode."""
-
-
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        if abs(v) >= 100:
-            return f"{v:.0f}"
-        if abs(v) >= 10:
-            return f"{v:.1f}"
-        return f"{v:.3f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
-    return str(v)
-
-
-def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]]) -> str:
-    """A GitHub markdown table of ``rows``; ``columns`` are ``(key, header)`` pairs."""
-    head = "| " + " | ".join(h for _, h in columns) + " |"
-    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
-    return "\n".join([head, rule, *body])
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, object]]) -> None:
-    """Writes ``rows`` (dicts with the same keys) as CSV at full precision."""
-    if not rows:
-        path.write_text("")
-        return
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _panel(ax, res: RegressionResult, name: str, ylim: float) -> None:  # noqa: ANN001
