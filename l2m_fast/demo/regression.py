@@ -3,8 +3,9 @@
 Every method predicts ``f(x)`` samples at the same queries: a grid on [-6, 6] for the figure and the
 spread outside the data, and fresh draws inside [-4, 4] for the scores. The predictive of every
 method is Gaussian with the method's mean and the variance of its samples (epistemic) plus the known
-noise variance ``3^2``; NLL and interval coverage use that total variance, the figure's bands the
-epistemic standard deviation alone (as in the paper's figure).
+noise variance ``3^2`` (the calibrated L2M rows: plus the noise variance they fitted on validation
+draws); NLL and interval coverage use that total variance, the figure's bands the epistemic standard
+deviation alone (as in the paper's figure).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from .toy import NOISE_STD, ToyConfig, fresh_draws, grid, mlp, toy_data, train_m
 
 __all__ = ["METHODS", "LABELS", "parse_methods", "run_regression", "RegressionResult", "score"]
 
-METHODS = ("rpf", "mc_dropout", "ensemble", "swag", "hmc", "l2m_paper", "l2m_explicit")
+METHODS = (
+    "rpf",
+    "mc_dropout",
+    "ensemble",
+    "swag",
+    "hmc",
+    "l2m_paper",
+    "l2m_explicit",
+    "l2m_paper_calibrated",
+    "l2m_explicit_calibrated",
+)
 LABELS = {
     "rpf": "Randomized prior functions",
     "mc_dropout": "MC dropout",
@@ -31,17 +42,22 @@ LABELS = {
     "hmc": "HMC",
     "l2m_paper": "L2M (paper mode)",
     "l2m_explicit": "L2M (explicit mode)",
+    "l2m_paper_calibrated": "L2M (paper mode, sampled + calibrated)",
+    "l2m_explicit_calibrated": "L2M (explicit mode, linearized + calibrated)",
 }
+VALIDATION_POINTS = 200
+"""Fresh draws from the data distribution (their own seed) on which the calibrated L2M rows fit the
+temperature and, jointly, their own noise variance (which then replaces the known 3^2 in their scores)."""
 
 
 def parse_methods(spec: str) -> list[str]:
-    """``"all"`` or a comma list; ``l2m`` means both L2M modes. Returns names in :data:`METHODS` order."""
+    """``"all"`` or a comma list; ``l2m`` means every L2M row. Returns names in :data:`METHODS` order."""
     if spec.strip() == "all":
         return list(METHODS)
     wanted: set[str] = set()
     for w in (s.strip() for s in spec.split(",") if s.strip()):
         if w == "l2m":
-            wanted |= {"l2m_paper", "l2m_explicit"}
+            wanted |= {m for m in METHODS if m.startswith("l2m")}
         elif w in METHODS:
             wanted.add(w)
         else:
@@ -97,7 +113,7 @@ def run_regression(
 
     runs: dict[str, MethodRun] = {}
     map_model, map_opt, map_s = None, None, 0.0
-    if any(m in methods for m in ("swag", "hmc", "l2m_paper", "l2m_explicit")):
+    if any(m in ("swag", "hmc") or m.startswith("l2m") for m in methods):
         torch.manual_seed(cfg.seed)
         map_model = mlp(cfg.hidden)
         b = mk("MAP (AdamW)", cfg.epochs)
@@ -124,11 +140,21 @@ def run_regression(
             runs[name] = run_hmc(map_model, x, y, queries, cfg, progress=b)
         else:
             b = mk(LABELS[name], cfg.samples)
-            options = {} if name == "l2m_paper" else {"num_data": x.shape[0], "batch_size": x.shape[0]}
+            mode = name.split("_")[1]
+            options = {} if mode == "paper" else {"num_data": x.shape[0], "batch_size": x.shape[0]}
+            calibrated = name.endswith("_calibrated")
+            linearized = calibrated and mode == "explicit"
             with Timer() as t_post:
-                post = build_l2m(map_model, map_opt, name.removeprefix("l2m_"), **options)
+                post = build_l2m(map_model, map_opt, mode, **options)
+                if calibrated:  # tau and a noise variance fitted jointly on fresh validation draws
+                    vx, vy = fresh_draws(VALIDATION_POINTS, seed=2)
+                    post = post.calibrated(
+                        map_model, vx, vy, task="regression", linearized=linearized, num_samples=cfg.samples,
+                        seed=cfg.seed,
+                    )
             with Timer() as t_pred:
-                samples = l2m_samples(post, map_model, queries, cfg.samples, cfg.seed).squeeze(-1)
+                samples = l2m_samples(post, map_model, queries, cfg.samples, cfg.seed, linearized=linearized)
+                samples = samples.squeeze(-1)
             if b is not None:
                 b.update(cfg.samples)  # type: ignore[attr-defined]
             var = post.variance()
@@ -137,7 +163,12 @@ def run_regression(
                 train_s=map_s,
                 posthoc_s=t_post.s,
                 predict_s=t_pred.s,
-                diagnostics={"max_weight_var": float(var.max()), "median_weight_var": float(var.median())},
+                diagnostics={
+                    "max_weight_var": float(var.max()),
+                    "median_weight_var": float(var.median()),
+                    "temperature": post.temperature,
+                    **({"noise_var": post.calibration.noise_var} if calibrated else {}),
+                },
             )
         close(b)
     return RegressionResult(x, y, g.squeeze(1), tx.squeeze(1), ty.squeeze(1), runs, map_s)
@@ -148,7 +179,8 @@ def score(res: RegressionResult) -> list[dict[str, object]]:
 
     ``std_out`` is the mean epistemic sd on the grid points outside the data ([-6, -4) and (4, 6]),
     ``out/HMC`` that divided by HMC's (blank without HMC); ``std_in`` the mean epistemic sd at the
-    test points. NLL and coverage use the total variance, epistemic + ``NOISE_STD^2``.
+    test points. NLL and coverage use the total variance, epistemic + ``NOISE_STD^2`` (the calibrated L2M
+    rows: + their own noise variance, fitted on validation draws).
     """
     ng = res.grid.numel()
     outside = res.grid.abs() > 4.0
@@ -160,7 +192,7 @@ def score(res: RegressionResult) -> list[dict[str, object]]:
         s = run.samples.double()
         mean = s.mean(0)
         epi = s.var(0, unbiased=False) if s.shape[0] > 1 else torch.zeros_like(mean)
-        tm, tv = mean[ng:], epi[ng:] + NOISE_STD**2
+        tm, tv = mean[ng:], epi[ng:] + run.diagnostics.get("noise_var", NOISE_STD**2)
         std_out = float(epi[:ng].sqrt()[outside].mean())
         rows.append(
             {
