@@ -10,7 +10,8 @@ Contenders, all under ``torch.no_grad()`` and producing the same reductions:
 * ``naive``: the usual loop, ``theta + sigma * torch.randn(P)`` (sigma precomputed),
   ``torch.nn.utils.vector_to_parameters`` and a forward per sample;
 * ``l2m auto`` / ``l2m vmap`` / ``l2m loop``: :meth:`l2m_fast.L2MPosterior.predict` with its rule,
-  or the method forced;
+  or the method forced; ``l2m linearized``: the same samples through the model linearized at the MAP
+  (``linearized=True``, forward-mode jvps);
 * ``laplace-torch``: a fitted ``DiagLaplace``'s own Monte-Carlo predictive, ``la(x, pred_type="nn",
   link_approx="mc", n_samples=S)``;
 * ``ivon``: IVON's ``with optimizer.sampled_params(): model(x)`` loop;
@@ -121,13 +122,14 @@ def forward_only(case: Case) -> Any:
     return _reduce(outs, case.task)
 
 
-def ours(method: str) -> Callable[[Case], Any]:
+def ours(method: str, linearized: bool = False) -> Callable[[Case], Any]:
     def run(case: Case) -> Any:
         return case.post.predict(
-            case.model, case.x, num_samples=case.samples, seed=0, task=case.task, method=method, progress=False
+            case.model, case.x, num_samples=case.samples, seed=0, task=case.task, method=method,
+            linearized=linearized, progress=False,
         )
 
-    run.__name__ = f"l2m_{method}"
+    run.__name__ = f"l2m_{method}{'_linearized' if linearized else ''}"
     return run
 
 
@@ -177,6 +179,7 @@ CONTENDERS: dict[str, Callable[[Case], Any]] = {
     "l2m predict (auto)": ours("auto"),
     "l2m predict (vmap)": ours("vmap"),
     "l2m predict (loop)": ours("loop"),
+    "l2m linearized predict (auto)": ours("auto", linearized=True),
     "laplace-torch nn MC": laplace_mc,
     "ivon sampled_params": ivon_loop,
     "S MAP forwards (loop floor)": forward_only,
