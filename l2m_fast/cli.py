@@ -187,8 +187,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# optional packages a command needs -> the extra that installs them
+_NEEDS = {
+    "demo": [("matplotlib", "demo")],
+    "classification": [("sklearn", "demo")],
+}
+
+
+def _writable_folder(path: str) -> str | None:
+    """None if ``path`` is (or can be made) a folder this process can write to, else why not."""
+    try:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".l2m_fast_write_probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
+
+
+def _preflight(args: argparse.Namespace) -> str | None:
+    """What would make the command fail later, found before any work: a message naming the fix, or None."""
+    import importlib.util
+
+    key = args.command if args.command != "eval" else args.task
+    for module, extra in _NEEDS.get(key, []):
+        if importlib.util.find_spec(module) is None:
+            return f"'{key}' needs {module}, which is not installed: pip install 'l2m_fast[{extra}]'"
+    if getattr(args, "out", None) is not None:
+        why = _writable_folder(args.out)
+        if why is not None:
+            return f"cannot write to --out {args.out!r} ({why}): choose a folder you can write to"
+    if getattr(args, "device", None) is not None:
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            return f"--device {args.device!r} is not a device: use cpu or cuda"
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return "--device cuda: this machine (or this torch build) has no CUDA device; use --device cpu"
+        if dev.type not in ("cpu", "cuda"):
+            return f"--device {args.device!r}: the sampler bench runs on cpu or cuda"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``l2m-fast`` console script."""
+    """Entry point of the ``l2m-fast`` console script.
+
+    Bad arguments, a missing optional package and an unwritable output folder are usage errors (a
+    message naming the fix, exit status 2, no traceback), found before any work starts.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -199,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--methods names no method: give a comma list of rpf,mc_dropout,ensemble,swag,hmc,l2m")
         except ValueError as err:
             parser.error(f"--methods: {err}")
+    problem = _preflight(args)
+    if problem is not None:
+        parser.error(problem)
     return int(args.func(args))
 
 

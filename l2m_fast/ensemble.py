@@ -14,6 +14,7 @@ Bayesian reading of deep ensembles). Mixture moments combine exactly from each m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +55,8 @@ class L2MEnsemble:
         w = [1.0] * len(self.members) if self.weights is None else [float(x) for x in self.weights]
         if len(w) != len(self.members):
             raise ValueError(f"{len(w)} weights for {len(self.members)} members")
-        if any(not x >= 0 for x in w) or sum(w) <= 0:
-            raise ValueError(f"weights must be non-negative with a positive sum, got {w}")
+        if any(not (math.isfinite(x) and x >= 0) for x in w) or sum(w) <= 0:
+            raise ValueError(f"weights must be finite, non-negative and have a positive sum, got {w}")
         total = sum(w)
         self.weights = [x / total for x in w]
 

@@ -344,6 +344,12 @@ def moments_from_state_dict(
             f"the state_dict holds {len(ids)} parameters but {source} gives {len(param_names)}: "
             "pass param_names=[...] naming the model parameter of each state_dict entry in order"
         )
+    repeated = sorted({n for n in param_names if param_names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"{source} names {repeated[:5]} more than once: each state_dict entry belongs to a different parameter; "
+            "pass param_names=[...] with every name once, in the optimizer's order"
+        )
     unknown = [n for n in param_names if n not in named]
     if unknown:
         raise KeyError(

@@ -238,6 +238,12 @@ class L2MPosterior(FromSources):
             raise TypeError(f"out must be one of {OUTPUT_DTYPES}, got {out.dtype}")
         if out.device != self.device:
             raise ValueError(f"out is on {out.device} but the posterior on {self.device}: move one with .to(device)")
+        if out.requires_grad:
+            raise RuntimeError(
+                "out requires grad: the sampler writes it in place outside autograd, which would leave wrong "
+                "gradients behind; pass a tensor that does not require grad (allocate it under torch.no_grad(), "
+                "or give out.detach() and use that)"
+            )
         s = out.shape[0]
         if self.temperature == 0:  # every sample is theta (a calibration found that noise only hurts)
             out.copy_(self.theta[start:stop].expand(s, stop - start))

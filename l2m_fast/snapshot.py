@@ -61,7 +61,12 @@ def take_snapshot(
         if tuple(v.shape) != tuple(p.shape):
             raise ValueError(f"parameter {name!r}: second moment shape {tuple(v.shape)} != {tuple(p.shape)}")
         if not p.is_floating_point():
-            raise TypeError(f"parameter {name!r} is {p.dtype}: only floating-point parameters can be sampled")
+            raise TypeError(f"parameter {name!r} is {p.dtype}: only real floating-point parameters can be sampled")
+        if p.device.type == "meta" or v.device.type == "meta":
+            raise ValueError(
+                f"parameter {name!r} (or its second moment) is on the meta device and holds no values: "
+                "materialise the model and optimizer state first (e.g. model.to_empty(device=...) and load_state_dict)"
+            )
     wide = [name for name, p, _ in entries if p.dtype == torch.float64]
     if wide:
         warnings.warn(

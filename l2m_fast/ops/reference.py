@@ -200,6 +200,11 @@ def sample_diag_gaussian_ref(
         out: (S, P) float32, bfloat16 or float16, written in place.
     """
     num_samples, num_elements = out.shape
+    bl = bounds.tolist()
+    if not bl or bl[0] != 0 or bl[-1] != num_elements or any(x > y for x, y in zip(bl, bl[1:])):
+        raise ValueError(
+            f"bounds must be non-decreasing from 0 to P = {num_elements}, got {bl[:8]}{'...' if len(bl) > 8 else ''}"
+        )
     if num_samples == 0 or num_elements == 0:
         return
     seg = segment_ids_ref(bounds, num_elements)

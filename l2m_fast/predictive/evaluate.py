@@ -64,7 +64,16 @@ __all__ = ["predict"]
 
 
 def _stack(outs: list[Any]) -> Any:
-    if isinstance(outs[0], (tuple, list)):
+    first = outs[0]
+    ok = isinstance(first, Tensor) or (
+        isinstance(first, (tuple, list)) and all(isinstance(t, Tensor) for t in first)
+    )
+    if not ok:
+        raise TypeError(
+            f"the model (after output_fn) returned {type(first).__name__}: the predictive takes a tensor, or a "
+            "(mean, var) pair of tensors for a Gaussian head; map the output with output_fn=..."
+        )
+    if isinstance(first, (tuple, list)):
         return tuple(torch.stack(parts) for parts in zip(*outs))
     return torch.stack(outs)
 
@@ -305,6 +314,31 @@ def predict(
     params = posterior.parameters_of(model)
     if posterior.temperature == 0:
         return _predict_map(model, params, args, num_samples, reducer, output_fn)
+    with claim(params):  # the probe, vmap's functional_call and the loop's bindings all touch the module
+        return _predict_chunked(
+            posterior, model, params, args, num_samples, seed, reducer, method, linearized, max_memory, chunk_size,
+            input_chunk, output_fn, sample_offset, progress,
+        )
+
+
+def _predict_chunked(
+    posterior: L2MPosterior,
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    args: tuple[Any, ...],
+    num_samples: int,
+    seed: int,
+    reducer: RegressionReducer | ClassificationReducer,
+    method: Method,
+    linearized: bool,
+    max_memory: int,
+    chunk_size: int | None,
+    input_chunk: int | None,
+    output_fn: OutputFn | None,
+    sample_offset: int,
+    progress: bool | None,
+) -> RegressionPrediction | ClassificationPrediction:
+    """:func:`predict`'s chunked evaluation, the parameters held by this thread."""
     plan = plan_predict(
         posterior,
         model,
@@ -342,7 +376,7 @@ def predict(
         leave=False,
     )
     try:
-        with torch.no_grad(), claim(params), binding:
+        with torch.no_grad(), binding:
             done = 0
             while done < num_samples:
                 c = min(chunk, num_samples - done)
