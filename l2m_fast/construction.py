@@ -38,6 +38,7 @@ class FromSources:
         kept: list[tuple[str, str]],
         mode: str,
         options: dict,
+        snapshot: bool = True,
     ) -> L2MPosterior:
         """A posterior over ``moments`` in ``mode`` (the shared path of every constructor)."""
         if not moments:
@@ -55,6 +56,7 @@ class FromSources:
             kept,
             {m.name: m.group for m in moments},
             None,
+            snapshot,
         )
         post.evidence = evidence
         return post
@@ -68,6 +70,7 @@ class FromSources:
         mode: str = "paper",
         params: ParamFilter = None,
         missing: str = "raise",
+        snapshot: bool = True,
         **options: PerGroup | int,
     ) -> L2MPosterior:
         """The L2M posterior of a trained model from its live optimizer (Adam, AdamW, NAdam, RAdam,
@@ -80,6 +83,9 @@ class FromSources:
             params: subset: parameter names, or a predicate ``(name, param) -> bool`` such as
                 ``lambda n, p: n.startswith("head.")``; the rest stay at the MAP. Default: all.
             missing: ``"raise"`` (default) or ``"skip"`` for parameters the optimizer has no state for.
+            snapshot: copy theta and v (default; training on does not change the posterior), or read the
+                live weights and optimizer state with no copy (``False``: for models whose copies do not
+                fit; training on changes the posterior; see :mod:`l2m_fast.snapshot`).
             **options: paper mode: ``weight_decay``, ``eps`` overrides; explicit mode: ``fisher_scale``,
                 ``prior_precision``, ``temperature``, ``num_data``, ``batch_size``. Each a float, a
                 sequence indexed by group, or a mapping group -> value. Explicit mode's
@@ -90,7 +96,7 @@ class FromSources:
         """
         reshard_fsdp(model)  # an unsharded FSDP2 root registers plain tensors the optimizer does not hold
         moments, kept = moments_from_optimizer(model, optimizer, params, missing)
-        return cls._from_moments(model, moments, kept, mode, options)
+        return cls._from_moments(model, moments, kept, mode, options, snapshot)
 
     @classmethod
     def from_fisher(
@@ -102,6 +108,7 @@ class FromSources:
         prior_precision: PerGroup | str,
         prior_mean: Mapping[str, Tensor] | nn.Module | None = None,
         temperature: float = 1.0,
+        snapshot: bool = True,
     ) -> L2MPosterior:
         """The Laplace posterior with a sampled-label Fisher as its curvature: precision ``N F + prior_precision``.
 
@@ -115,6 +122,8 @@ class FromSources:
                 the fit in ``post.evidence``).
             prior_mean: the prior's mean for the evidence (a state_dict or a model; default zeros).
             temperature: multiplies the variance. Default 1.
+            snapshot: copy theta and the Fisher (default), or read the live weights and the given Fisher
+                tensors (``False``; see :meth:`from_optimizer`).
 
         Returns:
             The posterior (``mode="fisher"``), sampled, predicted and calibrated like any other.
@@ -126,7 +135,7 @@ class FromSources:
         options = {"fisher_scale": float(num_data), "prior_precision": prior_precision, "temperature": temperature}
         if prior_mean is not None:
             options["prior_mean"] = prior_mean
-        post = cls._from_moments(model, moments, kept, "explicit", options)
+        post = cls._from_moments(model, moments, kept, "explicit", options, snapshot)
         post.mode = "fisher"
         return post
 
@@ -141,6 +150,7 @@ class FromSources:
         mode: str = "paper",
         params: ParamFilter = None,
         missing: str = "raise",
+        snapshot: bool = True,
         **options: PerGroup | int,
     ) -> L2MPosterior:
         """The L2M posterior from a checkpoint: the model (weights loaded) and ``optimizer.state_dict()``.
@@ -151,8 +161,8 @@ class FromSources:
             optimizer: the optimizer class, if it cannot be told from the state.
             param_names: the model name of each state_dict parameter, in its order (see
                 :func:`l2m_fast.optim.moments_from_state_dict` for the default matching).
-            mode, params, missing, **options: as in :meth:`from_optimizer`.
+            mode, params, missing, snapshot, **options: as in :meth:`from_optimizer`.
         """
         reshard_fsdp(model)
         moments, kept = moments_from_state_dict(model, optimizer_state, optimizer, param_names, params, missing)
-        return cls._from_moments(model, moments, kept, mode, options)
+        return cls._from_moments(model, moments, kept, mode, options, snapshot)

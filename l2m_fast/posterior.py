@@ -24,7 +24,7 @@ from .modes import PerGroup, restrict_segments, segments
 from .ops.sample import MAX_SAMPLES, OUTPUT_DTYPES, check_values, sample_diag_gaussian
 from .posterior_state import STATE_VERSION, PosteriorState, check_state
 from .sharding import local_box
-from .snapshot import take_snapshot
+from .snapshot import FlatStore, take_snapshot
 
 if TYPE_CHECKING:
     from .inplace import SampleIterator
@@ -76,6 +76,7 @@ class L2MPosterior(FromSources):
         mode: a label for the repr (``"paper"``, ``"explicit"`` or ``"custom"``).
         kept_at_map: ``(name, reason)`` of parameters left out of the posterior.
         device: where to keep the snapshot (default: the parameters' device).
+        snapshot: copy theta and v (default) or read the given tensors live (see :mod:`l2m_fast.snapshot`).
 
     Attributes:
         layout: the flat layout of the covered parameters.
@@ -102,6 +103,7 @@ class L2MPosterior(FromSources):
         mode: str = "custom",
         kept_at_map: Sequence[tuple[str, str]] = (),
         device: torch.device | str | None = None,
+        snapshot: bool = True,
     ) -> None:
         from .modes import per_group
 
@@ -121,7 +123,7 @@ class L2MPosterior(FromSources):
                 raise ValueError(f"no (a, b) for group {g} of parameter {n!r}")
             coeffs.append((ag, bg))
         self._init(
-            [(n, params[n], second_moments[n]) for n in names], coeffs, mode, kept_at_map, groups, device
+            [(n, params[n], second_moments[n]) for n in names], coeffs, mode, kept_at_map, groups, device, snapshot
         )
 
     def _init(
@@ -132,13 +134,14 @@ class L2MPosterior(FromSources):
         kept_at_map: Sequence[tuple[str, str]],
         groups: Mapping[str, int],
         device: torch.device | str | None,
+        snapshot: bool = True,
     ) -> None:
-        snap = take_snapshot(entries, device)
-        self.layout, self.theta, self.v = snap.layout, snap.theta, snap.v
+        snap = take_snapshot(entries, device, snapshot=snapshot)
+        self.layout, self._store = snap.layout, snap.store
         self.runs, self.global_numel, self.is_sharded = snap.runs, snap.global_numel, snap.is_sharded
         self.param_dtypes = snap.param_dtypes
-        device = self.theta.device
-        self.seg_a, self.seg_b, self.seg_bounds = (t.to(device) for t in segments(coeffs, self.layout))
+        self._device = snap.device
+        self.seg_a, self.seg_b, self.seg_bounds = (t.to(snap.device) for t in segments(coeffs, self.layout))
         self.mode = mode
         self.temperature = 1.0
         self.logit_temperature = 1.0
@@ -148,10 +151,25 @@ class L2MPosterior(FromSources):
         self.evidence = None
         self.calibration = None
         self._reset_caches()
-        if self.layout.numel:
-            check_values(self.v, self.seg_a, self.seg_b, self.seg_bounds)
+        for first, last, _, v, _ in self._store.pieces(0, self.layout.numel):  # one pass per piece
+            check_values(v, *self._segments(first, last))
 
     # ---------------------------------------------------------------- properties
+
+    @property
+    def theta(self) -> Tensor:
+        """(P,) float32 mean: the snapshot, or a flat copy of the live weights (``snapshot=False``)."""
+        return self._store.flat_theta()
+
+    @property
+    def v(self) -> Tensor:
+        """(P,) float32 second moment (or Fisher): the snapshot, or a flat copy of the live state."""
+        return self._store.flat_v()
+
+    @property
+    def live(self) -> bool:
+        """Built with ``snapshot=False``: samples read the live weights and state (training on changes them)."""
+        return self._store.live
 
     @property
     def num_params(self) -> int:
@@ -160,7 +178,7 @@ class L2MPosterior(FromSources):
 
     @property
     def device(self) -> torch.device:
-        return self.theta.device
+        return self._device
 
     def variance(self) -> Tensor:
         """(P,) float32 posterior variance ``1 / (a * v + b)`` (zero at temperature 0)."""
@@ -173,8 +191,10 @@ class L2MPosterior(FromSources):
 
     def to(self, device: torch.device | str) -> L2MPosterior:
         """Moves the snapshot to ``device`` in place; returns self."""
-        for name in ("theta", "v", "seg_a", "seg_b", "seg_bounds"):
+        self._store = self._store.to(device)
+        for name in ("seg_a", "seg_b", "seg_bounds"):
             setattr(self, name, getattr(self, name).to(device))
+        self._device = torch.device(device)
         self._reset_caches()
         return self
 
@@ -245,25 +265,22 @@ class L2MPosterior(FromSources):
                 "or give out.detach() and use that)"
             )
         s = out.shape[0]
-        if self.temperature == 0:  # every sample is theta (a calibration found that noise only hurts)
-            out.copy_(self.theta[start:stop].expand(s, stop - start))
-            return out
-        for lo, go, length in self.runs:
-            first, last = max(lo, start), min(lo + length, stop)
-            if first >= last:
-                continue
+        for first, last, theta, v, element_offset in self._store.pieces(start, stop):
             cols = out[:, first - start : last - start]
+            if self.temperature == 0:  # every sample is theta (a calibration found that noise only hurts)
+                cols.copy_(theta.expand(s, last - first))
+                continue
             target = cols if cols.is_contiguous() else torch.empty(s, last - first, dtype=out.dtype, device=out.device)
             a, b, bounds = self._segments(first, last)
             sample_diag_gaussian(
-                self.theta[first:last],
-                self.v[first:last],
+                theta,
+                v,
                 a=a,
                 b=b,
                 bounds=bounds,
                 seed=seed,
                 sample_offset=sample_offset,
-                element_offset=go + (first - lo),
+                element_offset=element_offset,
                 out=target,
                 validate=False,
             )
@@ -435,9 +452,13 @@ class L2MPosterior(FromSources):
     def _assign(self, st: PosteriorState, device: torch.device | str | None) -> None:
         for name in ("layout", "mode", "kept_at_map", "param_dtypes", "groups", "coefficients", "runs"):
             setattr(self, name, getattr(st, name))
-        for name in ("theta", "v", "seg_a", "seg_b", "seg_bounds"):
+        for name in ("seg_a", "seg_b", "seg_bounds"):
             t = getattr(st, name)
             setattr(self, name, t if device is None else t.to(device))
+        self._store = FlatStore(st.theta, st.v, st.runs)
+        if device is not None:
+            self._store = self._store.to(device)
+        self._device = self.seg_a.device
         self.global_numel, self.is_sharded = st.global_numel, st.is_sharded
         self.temperature, self.logit_temperature = st.temperature, st.logit_temperature
         self.evidence = None
@@ -470,8 +491,10 @@ class L2MPosterior(FromSources):
         lines = [
             f"L2MPosterior(P={self.num_params:,}, tensors={len(self.layout)}, groups={groups}, segments={g}, "
             f"mode={self.mode!r}, temperature={self.temperature:.4g}, logit_temperature={self.logit_temperature:.4g}, "
-            f"dtype={self.theta.dtype}, device={self.device})"
+            f"dtype=torch.float32, device={self.device})"
         ]
+        if self.live:
+            lines.append("  snapshot=False: reads the live weights and optimizer state (training on changes it)")
         if self.kept_at_map:
             shown = ", ".join(f"{n} ({why})" for n, why in self.kept_at_map[:6])
             more = f", +{len(self.kept_at_map) - 6} more" if len(self.kept_at_map) > 6 else ""

@@ -197,3 +197,34 @@ def test_repr_says_size_groups_mode_dtype_device():
     text = repr(L2MPosterior.from_optimizer(model, opt))
     for part in ("P=25", "tensors=4", "groups=[0]", "mode='paper'", "dtype=torch.float32", "device=cpu"):
         assert part in text
+
+
+def test_a_live_posterior_reads_the_weights_and_state_with_no_copy():
+    model, opt = _trained()
+    snap = L2MPosterior.from_optimizer(model, opt)
+    live = L2MPosterior.from_optimizer(model, opt, snapshot=False)
+    assert live.live and not snap.live and "snapshot=False" in repr(live)
+    assert torch.equal(live.sample(5, seed=2).flat, snap.sample(5, seed=2).flat)
+    for piece, p in zip(live._store.thetas, model.parameters()):
+        assert piece.data_ptr() == p.data_ptr()  # the parameter's own storage, not a copy
+    x = torch.randn(3, 2)
+    with torch.no_grad():
+        before = {n: p.clone() for n, p in model.named_parameters()}
+        with live.sampled(model, 4, seed=2):  # the parameters are rebound; the tensors it reads are not written
+            assert torch.equal(live.sample(5, seed=2).flat[4], snap.sample(5, seed=2).flat[4])
+            model(x)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    nn.functional.mse_loss(model(x), torch.zeros(3, 1)).backward()
+    opt.step()  # training on: the live posterior follows, the snapshot does not
+    assert not torch.equal(live.theta, snap.theta)
+    assert torch.equal(live.theta, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    with pytest.raises(ValueError, match="reads the live tensors where they are"):
+        live.to("cpu")
+
+
+def test_a_live_posterior_needs_float32_contiguous_tensors():
+    model, opt = _trained()
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="snapshot=True"):
+        L2MPosterior.from_optimizer(model, opt, snapshot=False)
