@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .inplace import claim
+from .inplace import held_parameters
 from .predictive import predict
 from .predictive.plan import as_args
 from .predictive.results import LINKS
@@ -136,7 +136,7 @@ def _golden_min(fn: Callable[[float], float], lo: float, hi: float, iters: int =
 
 
 def _map_outputs(model: nn.Module, posterior: L2MPosterior, args: tuple[Any, ...], output_fn: Any) -> Any:
-    with torch.no_grad(), claim(posterior.parameters_of(model)):
+    with torch.no_grad(), held_parameters(posterior, model):
         out = model(*args)
         return out if output_fn is None else output_fn(out)
 

@@ -54,6 +54,7 @@ __all__ = [
     "SampleIterator",
     "sampled",
     "claim",
+    "held_parameters",
     "free_work_buffers",
 ]
 
@@ -77,6 +78,7 @@ class _Frame:
         capture: what to save of a parameter before the frame changes it.
         put_back: restores a parameter from what was saved.
         before_restore: called once before the frame restores anything (FSDP2: reshard).
+        anchor: the model, held (for this thread) while the frame is active, not changed.
     """
 
     def __init__(
@@ -85,8 +87,10 @@ class _Frame:
         capture: Callable[[nn.Parameter], Tensor],
         put_back: Callable[[nn.Parameter, Tensor], None],
         before_restore: Callable[[], None] | None = None,
+        anchor: nn.Module | None = None,
     ) -> None:
         self.params = dict(params)
+        self.anchor = anchor
         self.capture = capture
         self.put_back = put_back
         self.before_restore = before_restore
@@ -96,30 +100,31 @@ class _Frame:
 
 
 class _Holds:
-    """Frames and claims on one parameter, and the thread they belong to."""
+    """Frames and claims on one parameter (or model), and the thread they belong to."""
 
-    __slots__ = ("frames", "claims", "owner", "param")
+    __slots__ = ("frames", "claims", "owner", "obj")
 
-    def __init__(self, param: nn.Parameter) -> None:
+    def __init__(self, obj: object) -> None:
         self.frames: list[_Frame] = []
         self.claims = 0
         self.owner: int | None = None
-        self.param = param
+        self.obj = obj
 
 
 _LOCK = threading.RLock()
-_HOLDS: dict[int, _Holds] = {}  # id(parameter) -> its holds, present only while held
+_HOLDS: dict[int, _Holds] = {}  # id(parameter or model) -> its holds, present only while held
 _GENERATION = 0  # bumped by every push and pop: a frame found innermost stays so until it changes
 
 
-def _acquire(params: Iterable[tuple[str, nn.Parameter]], me: int) -> list[_Holds]:
-    """The holds of each parameter, all owned by thread ``me`` (raises before changing anything)."""
+def _acquire(params: Iterable[tuple[str, object]], me: int) -> list[_Holds]:
+    """The holds of each parameter (or model), all owned by thread ``me`` (raises before changing anything)."""
     found = []
     for name, p in params:
         h = _HOLDS.get(id(p))
         if h is not None and h.owner not in (None, me):
+            what = f"parameter {name!r}" if isinstance(p, Tensor) else f"the model ({type(p).__name__})"
             raise ModelInUseError(
-                f"parameter {name!r} is held by another thread (an in-place sample or a predictive is using it): "
+                f"{what} is held by another thread (an in-place sample or a predictive is using it): "
                 "use one model per thread (copy.deepcopy(model)), or serialise the calls with a lock"
             )
         found.append(h)
@@ -135,14 +140,22 @@ def _acquire(params: Iterable[tuple[str, nn.Parameter]], me: int) -> list[_Holds
 def _release(h: _Holds) -> None:
     if not h.frames and not h.claims:
         h.owner = None
-        _HOLDS.pop(id(h.param), None)
+        _HOLDS.pop(id(h.obj), None)
+
+
+def _anchored(frame: _Frame) -> list[tuple[str, object]]:
+    return [] if frame.anchor is None else [("model", frame.anchor)]
 
 
 def _push(frame: _Frame) -> None:
     global _GENERATION
     with _LOCK:
         _GENERATION += 1
-        holds = _acquire(list(frame.params.items()), threading.get_ident())
+        me = threading.get_ident()
+        anchor = _acquire(_anchored(frame), me)
+        holds = _acquire(list(frame.params.items()), me)
+        for h in anchor:
+            h.claims += 1
         for (_, p), h in zip(frame.params.items(), holds):
             frame.saved[id(p)] = frame.capture(p)
             h.frames.append(frame)
@@ -186,11 +199,15 @@ def _pop(frame: _Frame) -> None:
                 h.frames[i + 1].saved[id(p)] = saved
             del h.frames[i]
             _release(h)
+        for _, obj in _anchored(frame):
+            h = _HOLDS[id(obj)]
+            h.claims -= 1
+            _release(h)
 
 
 @contextlib.contextmanager
-def claim(params: Mapping[str, nn.Parameter]) -> Iterator[None]:
-    """Holds parameters for this thread without changing them (the batched predictive's ``functional_call``).
+def claim(params: Mapping[str, object]) -> Iterator[None]:
+    """Holds parameters (or a model) for this thread without changing them.
 
     Raises:
         ModelInUseError: another thread holds one of them.
@@ -207,6 +224,23 @@ def claim(params: Mapping[str, nn.Parameter]) -> Iterator[None]:
             for h in holds:
                 h.claims -= 1
                 _release(h)
+
+
+@contextlib.contextmanager
+def held_parameters(posterior: L2MPosterior, model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
+    """The model's covered parameters, model and parameters held for this thread while the block runs.
+
+    The model is held *before* its parameters are read: while another thread's batched predictive runs,
+    ``functional_call`` has put other tensors in the model's attributes, and reading them then would pick
+    those up instead of the parameters.
+
+    Raises:
+        ModelInUseError: another thread holds the model or one of its parameters.
+    """
+    with claim({"model": model}):
+        params = posterior.parameters_of(model)
+        with claim(params):
+            yield params
 
 
 # ------------------------------------------------------------------------------------------- binding
@@ -314,16 +348,17 @@ class SampleWriter:
         self.posterior = posterior
         self.model = model
         self.sharded = posterior.is_sharded
-        if self.sharded:
-            reshard_fsdp(model)  # after a forward under no_grad an FSDP2 root holds unsharded plain tensors
-        self.params = posterior.parameters_of(model)
+        with claim({"model": model}):  # read the parameters while no other thread has swapped them out
+            if self.sharded:
+                reshard_fsdp(model)  # after a forward under no_grad an FSDP2 root holds unsharded plain tensors
+            self.params = posterior.parameters_of(model)
         self._buffers: list[Tensor] | None = None
         if self.sharded:
             self._runs = [(0, posterior.num_params, torch.float32)]
-            self._frame = _Frame(self.params, self._backup, self._copy_back, lambda: reshard_fsdp(model))
+            self._frame = _Frame(self.params, self._backup, self._copy_back, lambda: reshard_fsdp(model), model)
         else:
             self._runs = self._dtype_runs()
-            self._frame = _Frame(self.params, _data, _set_data)
+            self._frame = _Frame(self.params, _data, _set_data, anchor=model)
         self._key = (posterior.device, tuple(self._runs))
 
     def _dtype_runs(self) -> list[tuple[int, int, torch.dtype]]:

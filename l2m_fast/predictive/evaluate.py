@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..inplace import ParamBinding, claim
+from ..inplace import ParamBinding, held_parameters
 from .plan import (
     DEFAULT_MAX_MEMORY,
     Method,
@@ -220,7 +220,7 @@ def _predict_map(
     output_fn: OutputFn | None,
 ) -> RegressionPrediction | ClassificationPrediction:
     """A zero-temperature posterior: every sample is theta, so the predictive is the MAP's, one forward."""
-    with torch.no_grad(), claim(params):
+    with torch.no_grad():
         out = model(*args)
         out = out if output_fn is None else output_fn(out)
     expand = lambda t: t.unsqueeze(0).expand(num_samples, *t.shape)  # noqa: E731
@@ -311,10 +311,11 @@ def predict(
                 "loops over in-place samples, or gather the model onto one device"
             )
         return _predict_in_place(posterior, model, args, num_samples, seed, reducer, output_fn, sample_offset)
-    params = posterior.parameters_of(model)
-    if posterior.temperature == 0:
-        return _predict_map(model, params, args, num_samples, reducer, output_fn)
-    with claim(params):  # the probe, vmap's functional_call and the loop's bindings all touch the module
+    # the model and its parameters belong to this thread while the probe, vmap's functional_call and the
+    # loop's bindings touch them
+    with held_parameters(posterior, model) as params:
+        if posterior.temperature == 0:
+            return _predict_map(model, params, args, num_samples, reducer, output_fn)
         return _predict_chunked(
             posterior, model, params, args, num_samples, seed, reducer, method, linearized, max_memory, chunk_size,
             input_chunk, output_fn, sample_offset, progress,
