@@ -2,7 +2,9 @@
 
 from . import ops
 from ._version import __version__
+from .calibration import CalibrationReport, calibrate
 from .ensemble import L2MEnsemble
+from .fisher import FisherEstimate, FisherTracker, fisher_diag
 from .inplace import InPlaceOrderError, ModelInUseError, ParamBinding, SampleIterator, SampleWriter
 from .layout import FlatLayout, ParamSlot
 from .posterior import L2MPosterior, SampleBatch
@@ -14,6 +16,11 @@ __all__ = [
     "FlatLayout",
     "ParamSlot",
     "L2MEnsemble",
+    "FisherTracker",
+    "FisherEstimate",
+    "fisher_diag",
+    "calibrate",
+    "CalibrationReport",
     "ParamBinding",
     "SampleWriter",
     "SampleIterator",
