@@ -416,22 +416,23 @@ def test_segments_reject_bad_lists() -> None:
 
 @parent_only
 def test_bench_table_formatting() -> None:
-    """benchmarks/bench_gpu.py imports without CUDA and formats its table (no timing here)."""
+    """benchmarks/bench_gpu.py imports without CUDA and formats its rows (no timing here)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         bench = importlib.import_module("bench_gpu")
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     rows = [
-        bench.Row("flat", "fused", 1_000_000, 4, "float32", 0.05, 80e6, 0.1),
-        bench.Row("flat", "copy", 1_000_000, 4, "float32", 0.02, 80e6, None),
-        bench.Row("segments (150 tensors)", "naive loop", 123, 1, "bfloat16", float("nan"), 1e3, None),
+        bench.Row("flat", "fused", 1_000_000, 4, "float32", 0.05, 80e6, 1000.0),
+        bench.Row("flat", "batched torch", 1_000_000, 4, "float32", 0.2, 80e6, 1000.0),
+        bench.Row("model small (146 tensors)", "per-tensor loop", 123, 1, "bfloat16", float("nan"), 1e3, None, "boom"),
     ]
-    table = bench.format_table(rows, title="test")
-    lines = table.strip().splitlines()
-    assert lines[0].startswith("### test")
-    assert sum(line.startswith("|") for line in lines) == 2 + len(rows)
-    assert "GB/s" in table and "n/a" in table
+    lines = [bench.format_row(r, {("flat", 1_000_000, 4, "float32"): rows[1]}) for r in rows]
+    assert lines[0].startswith("| flat | fused | 1,000,000 | 4 | float32 | 0.05 |")
+    assert "1.6" in lines[0] and "4" in lines[0].split("|")[9]  # GB/s 1.6e3, of copy 1.6, x batched 4
+    assert "n/a" in lines[2] and lines[2].rstrip().endswith("boom |")
+    header = bench.table_header()
+    assert all(line.count("|") == lines[0].count("|") for line in header.splitlines()) and "GB/s" in header
 
 
 @pytest.mark.gpu
