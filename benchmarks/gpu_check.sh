@@ -41,11 +41,12 @@ step "benchmark (rows in $OUT/gpu_bench.md as measured)"
 run bench 190 "$PY" benchmarks/bench_gpu.py --budget-s 140
 
 step "GPU tests (pytest -m gpu, torch.compile excluded)"
-run gpu_tests 80 "$PY" -m pytest -q -p no:cacheprovider -m gpu -k "not torch_compile" -rA tests/test_triton.py
+run gpu_tests 80 "$PY" -m pytest -q -p no:cacheprovider -m gpu -k "not torch_compile" -rA \
+  tests/test_triton.py tests/test_triton_segments.py
 
 step "Triton tests natively (not gpu)"
 run triton_native 100 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -k "not dispatch_under_torch_compile" -rfE \
-  tests/test_triton.py
+  tests/test_triton.py tests/test_triton_segments.py
 
 step "torch.compile test"
 run compile_test 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu -k torch_compile -rA tests/test_triton.py
