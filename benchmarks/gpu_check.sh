@@ -9,13 +9,14 @@
 #   4. the Triton tests natively (every kernel path the CPU interpreter checks, compiled for the GPU);
 #   5. the torch.compile test, on its own, last.
 # The working tree is used through PYTHONPATH (no install, no C++ build: the CPU kernel is not needed
-# here, L2M_FAST_FORCE_REFERENCE=1). Logs of every step go to $OUT (default benchmarks/gpu_out).
+# here, L2M_FAST_FORCE_REFERENCE=1). Logs of every step go to $OUT (default /tmp/l2m_fast_gpu_check);
+# the benchmark table is printed again at the end, where a truncated log still shows it.
 # Usage: bash benchmarks/gpu_check.sh            (PYTHON=... to choose the interpreter)
 # Every step runs even if an earlier one fails; the exit code is non-zero if any failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=${OUT:-$PWD/benchmarks/gpu_out}
+OUT=${OUT:-${TMPDIR:-/tmp}/l2m_fast_gpu_check}
 mkdir -p "$OUT"
 export OUT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -50,6 +51,9 @@ run triton_native 100 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -k "no
 
 step "torch.compile test"
 run compile_test 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu -k torch_compile -rA tests/test_triton.py
+
+step "benchmark table again ($OUT/gpu_bench.md)"
+cat "$OUT/gpu_bench.md" 2>/dev/null || echo "no benchmark table"
 
 step "done, status $status"
 exit $status
