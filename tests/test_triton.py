@@ -1,17 +1,9 @@
-"""Triton sampler vs the reference (DESIGN section 3).
+"""Flat Triton sampler vs the reference (:mod:`l2m_fast.ops.reference`), on the CPU interpreter or a GPU.
 
-Without CUDA the kernels run on the CPU in Triton's interpreter, in a child pytest started with
-``TRITON_INTERPRET=1`` (see ``test_interpreter_subprocess``); with CUDA the same tests run natively
-in this process. Tests marked ``gpu`` need CUDA. On GPU the tests launch with a fixed block (few
-compilations); the autotuned path has its own tests.
-
-Tolerances (float32 output, stated against the reference):
-* Philox words and uniforms: bit-identical.
-* normals ``z``: ``|z - z_ref| <= 2e-6`` (a few float32 ulp at ``|z| <= 5.77``: the interpreter's
-  numpy and libdevice transcendentals differ from PyTorch's by an ulp or two); the "fast" GPU mode
-  (hardware sin/cos approximations, abs. error <= 2^-20.9 times ``rad <= 5.77``): ``|z - z_ref| <= 2e-5``.
-* samples ``theta + sigma z``: ``atol = 2e-6 * max(sigma) + 1e-6``, ``rtol = 1e-6``; bfloat16 and
-  float16: one ulp of the output dtype (the float32 values may sit either side of a rounding tie).
+Philox words, the precise math checked exhaustively, samples against the reference for odd sizes,
+offsets and dtypes, chunking invariances, dispatch and compilation. Set-up and tolerances:
+``triton_testing.py``; the segment kernel and tuning: ``test_triton_segments.py``. Tests marked
+``gpu`` need CUDA; without it the kernel tests run in the interpreter child below.
 """
 
 from __future__ import annotations
@@ -23,39 +15,42 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from l2m_fast.ops.reference import normals_ref, philox4x32_ref, sample_diag_gaussian_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-ROOT = Path(__file__).resolve().parents[1]
-
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-
-from l2m_fast.ops import triton_kernel as tk  # noqa: E402
-from l2m_fast.ops import triton_segments as ts  # noqa: E402
-
-# Kernels run natively with CUDA, else in the interpreter, which must be on before triton is first
-# imported (Triton's own @jit helpers such as tl.philox are built at import). A plain `pytest` run
-# imports triton long before this module, so there the kernel tests run in a child pytest with
-# TRITON_INTERPRET=1 (test_interpreter_subprocess) and are skipped in the parent.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-RUN_KERNELS = CUDA or INTERPRETED
-needs_kernels = pytest.mark.skipif(
-    not RUN_KERNELS, reason="runs in the TRITON_INTERPRET child (test_interpreter_subprocess)"
+from triton_testing import (  # noqa: E402
+    DEVICE,
+    DTYPE_TOL,
+    ROOT,
+    RUN_KERNELS,
+    U64,
+    Z_ATOL,
+    Z_ATOL_FAST,
+    assert_samples_close,
+    inputs,
+    launch,
+    needs_cuda,
+    needs_kernels,
+    parent_only,
+    sigma_max,
+    signed,
 )
-parent_only = pytest.mark.skipif(INTERPRETED, reason="runs in the parent process")
-_philox_quad = tk._philox_quad
+
+from l2m_fast.ops import triton_device as td  # noqa: E402
+from l2m_fast.ops import triton_kernel as tk  # noqa: E402
 
 
 @triton.jit
 def _philox_words_kernel(out_ptr, seed, element_offset, q, n, BLOCK: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = j < n
-    r0, r1, r2, r3 = _philox_quad(seed, tl.cast(element_offset, tl.int64) + j, (j * 0 + q).to(tl.uint32))
+    i = tl.cast(element_offset, tl.int64) + j
+    r0, r1, r2, r3 = td.philox_quad(seed, i.to(tl.uint32), (i >> 32).to(tl.uint32), tl.cast(q, tl.uint32))
     tl.store(out_ptr + 4 * j, r0.to(tl.int64), mask=m)
     tl.store(out_ptr + 4 * j + 1, r1.to(tl.int64), mask=m)
     tl.store(out_ptr + 4 * j + 2, r2.to(tl.int64), mask=m)
@@ -73,53 +68,42 @@ def _philox_raw_kernel(out_ptr, seed, c0, c1, c2, c3):
     tl.store(out_ptr + 3 + tl.arange(0, 1), r3.to(tl.int64))
 
 
+@triton.jit
+def _radius_kernel(out_l, out_r, BLOCK: tl.constexpr):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r = (k.to(tl.uint32) << 8) | 0x5A  # r >> 8 = k: every 24-bit uniform once
+    tl.store(out_l + k, td.neg2_log_uniform(r))
+    tl.store(out_r + k, td.radius(r, 1))
+
+
+@triton.jit
+def _angle_kernel(out_c, out_s, r_a, BLOCK: tl.constexpr):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r_b = (k.to(tl.uint32) << 8) | 0xA5
+    rad, x = td.bm_prepare(r_b * 0 + r_a, r_b, 1)
+    tl.store(out_c + k, td.bm_cos(rad, x, 1))
+    tl.store(out_s + k, td.bm_sin(rad, x, 1))
+
+
+@triton.jit
+def _sigma_kernel(p_ptr, out_ptr, BLOCK: tl.constexpr):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + k, td.inv_sqrt_rn(tl.load(p_ptr + k)))
+
+
 @pytest.mark.skipif(RUN_KERNELS, reason="kernels run in this process")
 def test_interpreter_subprocess() -> None:
-    """Runs this module's kernel tests on the CPU in Triton's interpreter, in a fresh process."""
+    """Runs the kernel tests of this module and of test_triton_segments.py in the CPU interpreter, in a new process."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(Path(__file__))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    files = [str(Path(__file__)), str(Path(__file__).with_name("test_triton_segments.py"))]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", *files]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
-U64 = 1 << 64
-Z_ATOL = 2e-6
-Z_ATOL_FAST = 2e-5
-# dtype with its relative tolerance: float32 a few ulp; bfloat16 / float16 one output ulp
-DTYPE_TOL = [(torch.float32, 1e-6), (torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)]
-
-
-def _launch(*args: object, block: int = 128, **kwargs: object) -> None:
-    """The flat launcher with a fixed block: one compilation per specialization on GPU, no autotuning."""
-    tk.sample_diag_gaussian_triton(*args, block=block, **kwargs)
-
-
-def _launch_segments(*args: object, **kwargs: object) -> None:
-    ts.sample_into_segments(*args, block=128, **kwargs)
-
-
-def _signed(seed: int) -> int:
-    return seed - U64 if seed >= 1 << 63 else seed
-
-
-def _inputs(p: int, g: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(seed + p)
-    theta = torch.randn(p, generator=gen)
-    v = torch.rand(p, generator=gen) * 2.0
-    a = torch.rand(g, generator=gen) + 0.5
-    b = torch.rand(g, generator=gen) + 0.1
-    cuts = sorted(torch.randint(0, p + 1, (g - 1,), generator=gen).tolist())
-    bounds = torch.tensor([0, *cuts, p], dtype=torch.int64)
-    return tuple(t.to(DEVICE) for t in (theta, v, a, b, bounds))
-
-
-def _assert_samples_close(
-    out: torch.Tensor, ref: torch.Tensor, sigma_max: float, rtol: float, z_atol: float = Z_ATOL
-) -> None:
-    atol = z_atol * sigma_max + 1e-6
-    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), rtol=rtol, atol=atol)
+# ---------------------------------------------------------------------------------------------- Philox
 
 
 @needs_kernels
@@ -136,7 +120,7 @@ def test_philox_known_answers() -> None:
     ]
     for seed, ctr, want in cases:
         out = torch.zeros(4, dtype=torch.int64, device=DEVICE)
-        _philox_raw_kernel[(1,)](out, _signed(seed), *ctr)
+        _philox_raw_kernel[(1,)](out, signed(seed), *ctr)
         assert [w & 0xFFFFFFFF for w in out.tolist()] == list(want)
 
 
@@ -144,9 +128,10 @@ def test_philox_known_answers() -> None:
 @pytest.mark.parametrize("seed", [0, 12345, (1 << 63) + 7, U64 - 1])
 @pytest.mark.parametrize("element_offset", [0, (1 << 32) - 3, (1 << 40) + 11])
 def test_philox_words_identical(seed: int, element_offset: int) -> None:
+    """The kernels' own Philox (widening multiplies, scalar first round) gives the reference's words."""
     n, q = 37, 5
     out = torch.empty(n, 4, dtype=torch.int64, device=DEVICE)
-    _philox_words_kernel[(triton.cdiv(n, 16),)](out, _signed(seed), element_offset, q, n, BLOCK=16)
+    _philox_words_kernel[(triton.cdiv(n, 16),)](out, signed(seed), element_offset, q, n, BLOCK=16)
     idx = torch.arange(element_offset, element_offset + n, dtype=torch.int64)
     ref = philox4x32_ref(
         idx & 0xFFFFFFFF, idx >> 32, torch.full_like(idx, q), torch.zeros_like(idx), (seed & 0xFFFFFFFF, seed >> 32)
@@ -154,15 +139,66 @@ def test_philox_words_identical(seed: int, element_offset: int) -> None:
     assert torch.equal(out.cpu() & 0xFFFFFFFF, torch.stack(ref, dim=1))
 
 
+# ------------------------------------------------------------------------------- precise math, exhaustive
+
+_ALL = 1 << 24
+_CHUNK = 1 << 20
+
+
 @needs_kernels
-@pytest.mark.parametrize("sample_offset", [0, 1, 6])
-@pytest.mark.parametrize("num_samples", [1, 3, 8])
-def test_normals_match_reference(sample_offset: int, num_samples: int) -> None:
+def test_precise_radius_every_uniform() -> None:
+    """All 2^24 values of ua: -2 ln ua within 1.5e-7 relative, its square root IEEE, the radius within 4.8e-7.
+
+    The reference's own float32 sqrt(-2 log ua) (PyTorch on the CPU) is not correctly rounded; the
+    kernel's square root is (checked against numpy's).
+    """
+    neg2log, rad = torch.empty(_ALL, device=DEVICE), torch.empty(_ALL, device=DEVICE)
+    _radius_kernel[(_ALL // _CHUNK,)](neg2log, rad, BLOCK=_CHUNK)
+    neg2log, rad = neg2log.cpu(), rad.cpu()
+    ua = (torch.arange(_ALL, dtype=torch.float64) + 1) * 2.0**-24
+    exact = -2.0 * torch.log(ua)
+    pos = exact > 0
+    assert float(((neg2log.double() - exact).abs()[pos] / exact[pos]).max()) <= 1.5e-7
+    assert np.array_equal(rad.numpy(), np.sqrt(neg2log.numpy()))
+    rad_ref = torch.sqrt(-2.0 * torch.log(ua.float()))
+    assert float((rad - rad_ref).abs().max()) <= 4.8e-7
+
+
+@needs_kernels
+def test_precise_angles_every_uniform_at_the_largest_radius() -> None:
+    """All 2^24 values of ub at rad = sqrt(-2 ln 2^-24) = 5.77: cos and sin rows within 1e-6 of the reference."""
+    zc, zs = torch.empty(_ALL, device=DEVICE), torch.empty(_ALL, device=DEVICE)
+    _angle_kernel[(_ALL // _CHUNK,)](zc, zs, 0xFF, BLOCK=_CHUNK)  # r_a >> 8 = 0: ua = 2^-24
+    ang = torch.arange(_ALL, dtype=torch.float32) * 2.0**-24 * 6.283185307179586
+    rad = torch.sqrt(-2.0 * torch.log(torch.tensor(2.0**-24)))
+    assert float((zc.cpu() - rad * torch.cos(ang)).abs().max()) <= 1e-6
+    assert float((zs.cpu() - rad * torch.sin(ang)).abs().max()) <= 1e-6
+
+
+@needs_kernels
+def test_sigma_is_ieee() -> None:
+    """sigma = RN(1 / RN(sqrt(p))) bit for bit over precisions spread log-uniformly on [1e-30, 1e35]."""
+    n = 1 << 16
+    gen = torch.Generator().manual_seed(3)
+    p = torch.exp(torch.empty(n).uniform_(-69.0, 80.0, generator=gen)).float()
+    out = torch.empty(n, device=DEVICE)
+    _sigma_kernel[(n // 1024,)](p.to(DEVICE), out, BLOCK=1024)
+    pn = p.numpy()
+    assert np.array_equal(out.cpu().numpy(), np.float32(1.0) / np.sqrt(pn))
+
+
+# ----------------------------------------------------------------------------------- samples vs reference
+
+
+@needs_kernels
+@pytest.mark.parametrize("math_mode", ["precise", "portable"])
+@pytest.mark.parametrize(("sample_offset", "num_samples"), [(0, 1), (1, 3), (6, 8), (3, 1)])
+def test_normals_match_reference(math_mode: str, sample_offset: int, num_samples: int) -> None:
     p = 130
     zeros, ones = torch.zeros(p, device=DEVICE), torch.ones(1, device=DEVICE)
     out = torch.empty(num_samples, p, device=DEVICE)
     bounds = torch.tensor([0, p], device=DEVICE)
-    _launch(zeros, zeros, ones, ones, bounds, 99, sample_offset, 5, out)
+    launch(zeros, zeros, ones, ones, bounds, 99, sample_offset, 5, out, math_mode=math_mode)
     ref = normals_ref(p, num_samples, 99, sample_offset, 5)
     assert out.abs().max().item() <= 5.78
     torch.testing.assert_close(out.cpu(), ref, rtol=0.0, atol=Z_ATOL)
@@ -175,55 +211,85 @@ def test_normals_match_reference(sample_offset: int, num_samples: int) -> None:
 def test_samples_match_reference(
     dtype: torch.dtype, rtol: float, p: int, g: int, num_samples: int, sample_offset: int
 ) -> None:
-    if p == 4097 and (num_samples != 5 or dtype != torch.float32):
-        pytest.skip("the largest size once: the interpreter is slow")
-    theta, v, a, b, bounds = _inputs(p, g)
-    seed, eo = (1 << 63) + 2024, 17
-    out = torch.empty(num_samples, p, dtype=dtype, device=DEVICE)
-    _launch(theta, v, a, b, bounds, _signed(seed), sample_offset, eo, out)
+    """Odd sizes (no 16-byte rows: scalar stores; S = 1: vector body and scalar tail), partial quads."""
+    if p == 4097 and (num_samples == 8 or dtype == torch.float16):
+        pytest.skip("the largest size twice: the interpreter is slow")
+    theta, v, a, b, bounds = inputs(p, g)
+    seed, eo = (1 << 63) + 2024, (1 << 32) + 17
+    out = torch.full((num_samples, p), float("nan"), dtype=dtype, device=DEVICE)
+    launch(theta, v, a, b, bounds, signed(seed), sample_offset, eo, out)
     ref = torch.empty_like(out)
-    sample_diag_gaussian_ref(theta, v, a, b, bounds, _signed(seed), sample_offset, eo, ref)
-    sigma_max = float((1.0 / torch.sqrt(a.min() * v.min() + b.min())).max())
-    _assert_samples_close(out, ref, sigma_max, rtol)
+    sample_diag_gaussian_ref(theta, v, a, b, bounds, signed(seed), sample_offset, eo, ref)
+    assert_samples_close(out, ref, sigma_max(a, v, b), rtol)
 
 
 @needs_kernels
-def test_chunks_agree_bitwise() -> None:
-    """Samples depend only on (seed, i, s): chunking samples or elements changes no bit."""
+def test_misaligned_output_takes_the_scalar_path() -> None:
+    """An output starting off a 16-byte boundary (a view at offset 1) is written correctly."""
+    p, s = 96, 6
+    theta, v, a, b, bounds = inputs(p)
+    buf = torch.full((s * p + 1,), float("nan"), device=DEVICE)
+    out = buf[1:].view(s, p)
+    assert not tk.base_aligned(out) and tk.row_plan(out, s, p, tk.base_aligned(out)).vec == 1
+    launch(theta, v, a, b, bounds, 4, 2, 0, out)
+    ref = torch.empty(s, p, device=DEVICE)
+    sample_diag_gaussian_ref(theta, v, a, b, bounds, 4, 2, 0, ref)
+    assert torch.isnan(buf[0])
+    assert_samples_close(out, ref, sigma_max(a, v, b), 1e-6)
+
+
+@needs_kernels
+def test_chunks_agree_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samples depend only on (seed, i, s): chunking samples, elements, blocks or the grid changes no bit."""
     p, s = 203, 8
-    theta, v, a, b, bounds = _inputs(p, 2)
+    theta, v, a, b, bounds = inputs(p, 2)
     whole = torch.empty(s, p, device=DEVICE)
-    _launch(theta, v, a, b, bounds, 7, 0, 1000, whole)
-    for lo, hi in [(0, 3), (3, 5), (5, 8)]:
+    launch(theta, v, a, b, bounds, 7, 0, 1000, whole)
+    for lo, hi in [(0, 3), (3, 5), (5, 8), (6, 7)]:
         part = torch.empty(hi - lo, p, device=DEVICE)
-        _launch(theta, v, a, b, bounds, 7, lo, 1000, part)
+        launch(theta, v, a, b, bounds, 7, lo, 1000, part)
         assert torch.equal(part, whole[lo:hi])
     cut = int(bounds[1])
     left = torch.empty(s, cut, device=DEVICE)
     one = torch.tensor([0, cut], device=DEVICE)
-    _launch(theta[:cut], v[:cut], a[:1], b[:1], one, 7, 0, 1000, left)
+    launch(theta[:cut], v[:cut], a[:1], b[:1], one, 7, 0, 1000, left)
     assert torch.equal(left, whole[:, :cut])
     other = torch.empty(s, p, device=DEVICE)
-    _launch(theta, v, a, b, bounds, 7, 0, 1000, other, block=64)
+    launch(theta, v, a, b, bounds, 7, 0, 1000, other, block=64)
     assert torch.equal(other, whole)
+    # one program walking every block (S = 1) or one per quad (S > 1), and the default grid
+    row = torch.empty(1, p, device=DEVICE)
+    launch(theta, v, a, b, bounds, 7, 5, 1000, row, block=32)
+    assert torch.equal(row[0], whole[5])
+    for per_sm in (1, 64):
+        monkeypatch.setattr(tk, "_PROGRAMS_PER_SM", per_sm)
+        again = torch.empty(s, p, device=DEVICE)
+        launch(theta, v, a, b, bounds, 7, 0, 1000, again, block=32)
+        assert torch.equal(again, whole)
+        row2 = torch.empty(1, p, device=DEVICE)
+        launch(theta, v, a, b, bounds, 7, 5, 1000, row2, block=32)
+        assert torch.equal(row2, row)
 
 
 @needs_kernels
 @pytest.mark.parametrize("element_offset", [(1 << 32) - 40, (1 << 33) + 5, (1 << 62)])
 def test_64bit_element_index(element_offset: int) -> None:
     p = 80
-    theta, v, a, b, bounds = _inputs(p)
+    theta, v, a, b, bounds = inputs(p)
     out = torch.empty(4, p, device=DEVICE)
-    _launch(theta, v, a, b, bounds, -3, 2, element_offset, out)
+    launch(theta, v, a, b, bounds, -3, 2, element_offset, out)
     ref = torch.empty_like(out)
     sample_diag_gaussian_ref(theta, v, a, b, bounds, -3, 2, element_offset, ref)
-    _assert_samples_close(out, ref, float((1.0 / torch.sqrt(b)).max()), 1e-6)
+    assert_samples_close(out, ref, float((1.0 / torch.sqrt(b)).max()), 1e-6)
     # the high word matters: a 32-bit index would repeat the samples of index i - 2^32
     c = max(0, (1 << 32) - element_offset)
     low = torch.empty(4, p - c, device=DEVICE)
     one = torch.tensor([0, p - c], device=DEVICE)
-    _launch(theta[c:], v[c:], a, b, one, -3, 2, element_offset + c - (1 << 32), low)
+    launch(theta[c:], v[c:], a, b, one, -3, 2, element_offset + c - (1 << 32), low)
     assert not torch.isclose(low, out[:, c:]).any()
+
+
+# ----------------------------------------------------------------------------- dispatch and compilation
 
 
 @parent_only
@@ -231,7 +297,7 @@ def test_op_dispatch_on_this_device() -> None:
     """The registered op: Triton on CUDA, the reference elsewhere (no Triton launch on CPU tensors)."""
     from l2m_fast.ops.sample import sample_diag_gaussian_out
 
-    theta, v, a, b, bounds = (t.cpu() for t in _inputs(50, 2))
+    theta, v, a, b, bounds = (t.cpu() for t in inputs(50, 2))
     out, ref = torch.empty(3, 50), torch.empty(3, 50)
     sample_diag_gaussian_out(theta, v, a, b, bounds, 5, 1, 2, out)
     sample_diag_gaussian_ref(theta, v, a, b, bounds, 5, 1, 2, ref)
@@ -301,143 +367,97 @@ def test_dispatch_under_torch_compile() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def _segment_inputs(shapes: list[tuple[int, ...]], num_samples: int, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    thetas = [torch.randn(sh, generator=gen).to(DEVICE) for sh in shapes]
-    vs = [torch.rand(sh, generator=gen).to(DEVICE) for sh in shapes]
-    outs = [torch.empty((num_samples, *sh), dtype=dtype, device=DEVICE) for sh in shapes]
-    return thetas, vs, outs
-
-
-@needs_kernels
-@pytest.mark.parametrize(("dtype", "rtol"), DTYPE_TOL[:2])
-@pytest.mark.parametrize(("num_samples", "sample_offset"), [(1, 0), (6, 3)])
-def test_segments_match_reference(dtype: torch.dtype, rtol: float, num_samples: int, sample_offset: int) -> None:
-    shapes = [(3, 4), (7,), (0,), (1,), (5, 5), (130,), (2, 1, 3)]
-    thetas, vs, outs = _segment_inputs(shapes, num_samples, dtype)
-    refs = [torch.empty_like(o) for o in outs]
-    kw = {
-        "a": [1.0, 2.0],
-        "b": [0.5, 0.1],
-        "groups": [0, 1, 0, 1, 1, 0, 1],
-        "seed": (1 << 63) + 5,
-        "sample_offset": sample_offset,
-        "element_offsets": [(1 << 32) - 10 + 100 * k for k in range(len(shapes))],
-    }
-    _launch_segments(thetas, vs, outs, **kw)
-    ts.sample_into_segments_ref(thetas, vs, refs, **kw)
-    for o, r in zip(outs, refs, strict=True):
-        _assert_samples_close(o, r, 1.0 / 0.1**0.5, rtol)
-
-
-@needs_kernels
-def test_segments_equal_flat_op_bitwise() -> None:
-    """Default offsets lay the tensors back to back: the result is the flat kernel's, bit for bit."""
-    shapes = [(4, 3), (1,), (9,), (2, 5)]
-    thetas, vs, outs = _segment_inputs(shapes, 5, torch.float32, seed=1)
-    _launch_segments(thetas, vs, outs, a=1.5, b=0.25, seed=11, sample_offset=2)
-    flat = torch.empty(5, sum(t.numel() for t in thetas), device=DEVICE)
-    one, quarter = torch.full((1,), 1.5, device=DEVICE), torch.full((1,), 0.25, device=DEVICE)
-    bounds = torch.tensor([0, flat.shape[1]], device=DEVICE)
-    _launch(
-        torch.cat([t.reshape(-1) for t in thetas]),
-        torch.cat([v.reshape(-1) for v in vs]),
-        one,
-        quarter,
-        bounds,
-        11,
-        2,
-        0,
-        flat,
-    )
-    assert torch.equal(torch.cat([o.reshape(5, -1) for o in outs], dim=1), flat)
-
-
-@needs_kernels
-def test_segments_many_tensors_in_place() -> None:
-    """A model-like list of 150 tensors, one sample written into the tensors themselves, one launch."""
-    shapes = [(k % 7 + 1,) if k % 3 else (2, k % 5 + 1) for k in range(150)]
-    thetas, vs, _ = _segment_inputs(shapes, 1, torch.float32, seed=2)
-    live = [t.clone() for t in thetas]
-    table = ts.segment_table(live, vs, live, groups=[k % 4 for k in range(150)])
-    assert table.table.shape == (150, 5)
-    kw = {"a": [1.0, 2.0, 3.0, 4.0], "b": [1.0, 0.5, 0.25, 2.0], "groups": [k % 4 for k in range(150)], "seed": 3}
-    _launch_segments(live, vs, live, table=table, **kw)
-    refs = [t.clone().unsqueeze(0) for t in thetas]
-    ts.sample_into_segments_ref(thetas, vs, refs, **kw)
-    for o, r in zip(live, refs, strict=True):
-        _assert_samples_close(o, r[0], 2.0, 1e-6)
-
-
-_SM90_VARIANTS = [
-    # (kernel, output pointer type, constexprs): S = 1 and G = 1 arrive as constexprs; bf16 + fast math; segments
-    ("flat", "*fp32", {"num_samples": 1, "num_segments": 1, "BLOCK": 1024, "SEG_STEPS": 0, "MATH": 1}),
-    ("flat", "*bf16", {"BLOCK": 512, "SEG_STEPS": 3, "MATH": 2}),
-    ("segments", None, {"OUT_DTYPE": tl.bfloat16, "BLOCK": 1024, "TAB_STEPS": 8, "MATH": 1}),
-]
-
-
 @parent_only
-@pytest.mark.parametrize(("which", "out_type", "consts"), _SM90_VARIANTS)
-def test_kernels_compile_for_sm90(which: str, out_type: str | None, consts: dict) -> None:
-    """The GPU code path compiles to PTX and through ptxas for sm_90 (H100/H200) without a GPU."""
-    if tk.interpret_mode():
-        pytest.skip("kernels were built for the interpreter")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:
-        pytest.skip(f"this Triton lacks the ahead-of-time API: {exc}")
-    if which == "flat":
-        fn = tk._sample_diag_gaussian_kernel
-        types = ["*fp32"] * 4 + ["*i64", out_type, "i32", "i32", "i32", "i64", "i32", "i64"]
-    else:
-        fn = ts._sample_into_segments_kernel
-        types = ["*i64", "*i64", "*fp32", "*fp32", "i32", "i32", "i32", "i64", "i32"]
-    names = list(fn.arg_names)
-    sig = {n: ("constexpr" if n in consts or i >= len(types) else types[i]) for i, n in enumerate(names)}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-    ptx = kernel.asm["ptx"]
-    assert "st.global.cs" in ptx  # streaming stores
-    assert ("sin.approx.f32" in ptx) == (consts["MATH"] == 2)
-
-
-@parent_only
-def test_segments_reject_bad_lists() -> None:
-    thetas, vs, outs = _segment_inputs([(3,), (4,)], 2, torch.float32)
-    with pytest.raises(ValueError, match="samples"):
-        ts.segment_table(thetas, vs, [outs[0], torch.empty(3, 4, device=DEVICE)])
-    big = torch.randn(2, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="alias"):
-        ts.segment_table([big[0]], vs[:1], [big])
-    with pytest.raises(TypeError, match="float32"):
-        ts.segment_table([thetas[0].double()], vs[:1], outs[:1])
+def test_fast_math_needs_a_gpu() -> None:
+    assert tk.math_constexpr(None) == tk.MATH_MODES["precise"]
+    with pytest.raises(ValueError, match="math_mode"):
+        tk.math_constexpr("sloppy")
 
 
 @parent_only
 def test_bench_table_formatting() -> None:
-    """benchmarks/bench_gpu.py imports without CUDA and formats its table (no timing here)."""
+    """benchmarks/bench_gpu.py imports without CUDA and formats its rows (no timing here)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         bench = importlib.import_module("bench_gpu")
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     rows = [
-        bench.Row("flat", "fused", 1_000_000, 4, "float32", 0.05, 80e6, 0.1),
-        bench.Row("flat", "copy", 1_000_000, 4, "float32", 0.02, 80e6, None),
-        bench.Row("segments (150 tensors)", "naive loop", 123, 1, "bfloat16", float("nan"), 1e3, None),
+        bench.Row("flat", "fused", 1_000_000, 4, "float32", 0.05, 80e6, 1000.0),
+        bench.Row("flat", "batched torch", 1_000_000, 4, "float32", 0.2, 80e6, 1000.0),
+        bench.Row("model small (146 tensors)", "per-tensor loop", 123, 1, "bfloat16", float("nan"), 1e3, None, "boom"),
     ]
-    table = bench.format_table(rows, title="test")
-    lines = table.strip().splitlines()
-    assert lines[0].startswith("### test")
-    assert sum(line.startswith("|") for line in lines) == 2 + len(rows)
-    assert "GB/s" in table and "n/a" in table
+    lines = [bench.format_row(r, {("flat", 1_000_000, 4, "float32"): rows[1]}) for r in rows]
+    assert lines[0].startswith("| flat | fused | 1,000,000 | 4 | float32 | 0.05 |")
+    assert "1.6" in lines[0] and "4" in lines[0].split("|")[9]  # GB/s 1.6e3, of copy 1.6, x batched 4
+    assert "n/a" in lines[2] and lines[2].rstrip().endswith("boom |")
+    header = bench.table_header()
+    assert all(line.count("|") == lines[0].count("|") for line in header.splitlines()) and "GB/s" in header
+
+
+# ------------------------------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_op_and_compile_use_triton() -> None:
-    """On CUDA the op runs the Triton kernel, eager and under torch.compile (Inductor), bit-identically."""
+@needs_cuda
+@pytest.mark.parametrize(("math_mode", "z_atol"), [("precise", Z_ATOL), ("portable", Z_ATOL), ("fast", Z_ATOL_FAST)])
+def test_gpu_math_modes(math_mode: str, z_atol: float) -> None:
+    """Stated bounds: precise and portable |dz| <= 2e-6; fast (sin/cos.approx) |dz| <= 2e-5."""
+    p, s = 1 << 16, 8
+    zeros, ones = torch.zeros(p, device="cuda"), torch.ones(1, device="cuda")
+    out = torch.empty(s, p, device="cuda")
+    tk.sample_diag_gaussian_triton(
+        zeros, zeros, ones, ones, torch.tensor([0, p], device="cuda"), 1, 0, 0, out, math_mode=math_mode
+    )
+    ref = normals_ref(p, s, 1, device="cuda")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=0.0, atol=z_atol)
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from l2m_fast.ops import triton_kernel as tk
+    p, s, s0, eo = 5000, 7, 3, (1 << 32) + 9
+    g = torch.Generator().manual_seed(5)
+    theta, v = torch.randn(p, generator=g), torch.rand(p, generator=g)
+    out = torch.empty(s, p)
+    tk.sample_diag_gaussian_triton(theta, v, torch.ones(1), torch.full((1,), 0.5), torch.tensor([0, p]), 77, s0, eo,
+                                   out, block=256)
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_precise_equals_interpreter_bitwise(tmp_path: Path) -> None:
+    """The precise mode computes the same bits on the GPU as Triton's CPU interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    path = tmp_path / "interp.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT, str(path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpu = torch.load(path)
+    p, s = cpu.shape[1], cpu.shape[0]
+    g = torch.Generator().manual_seed(5)
+    theta, v = torch.randn(p, generator=g).cuda(), torch.rand(p, generator=g).cuda()
+    out = torch.empty(s, p, device="cuda")
+    a, b, bounds = torch.ones(1, device="cuda"), torch.full((1,), 0.5, device="cuda"), torch.tensor([0, p]).cuda()
+    tk.sample_diag_gaussian_triton(theta, v, a, b, bounds, 77, 3, (1 << 32) + 9, out)
+    assert torch.equal(out.cpu(), cpu)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_op_and_torch_compile_use_triton() -> None:
+    """On CUDA the op runs the Triton kernel, eager and under torch.compile (Inductor), bit-identically.
+
+    Last in the file: torch.compile is the slowest check and the one most likely to fail for
+    reasons outside this package.
+    """
     from l2m_fast.ops.sample import sample_diag_gaussian
 
     p = 100_003
@@ -456,6 +476,9 @@ def test_gpu_op_and_compile_use_triton() -> None:
     bounds = torch.tensor(kw["bounds"], device="cuda")
     tk.sample_diag_gaussian_triton(theta, v, a, b, bounds, 5, 3, kw["element_offset"], direct)
     assert torch.equal(eager, direct)
+    ref = torch.empty_like(eager)
+    sample_diag_gaussian_ref(theta, v, a, b, bounds, 5, 3, kw["element_offset"], ref)
+    assert_samples_close(eager, ref, 1.0 / 0.1**0.5, 1e-6)
 
     def f(theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty(6, p, device="cuda")
@@ -463,34 +486,3 @@ def test_gpu_op_and_compile_use_triton() -> None:
         return out
 
     assert torch.equal(torch.compile(f, fullgraph=True)(theta, v), eager)
-    ref = torch.empty_like(eager)
-    sample_diag_gaussian_ref(theta, v, a, b, bounds, 5, 3, kw["element_offset"], ref)
-    _assert_samples_close(eager, ref, 1.0 / 0.1**0.5, 1e-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize(("math_mode", "z_atol"), [("precise", Z_ATOL), ("portable", Z_ATOL), ("fast", Z_ATOL_FAST)])
-def test_gpu_math_modes(math_mode: str, z_atol: float) -> None:
-    """Stated bounds: precise (libdevice) and portable |dz| <= 2e-6; fast (sin/cos.approx) |dz| <= 2e-5."""
-    p, s = 1 << 16, 8
-    zeros, ones = torch.zeros(p, device="cuda"), torch.ones(1, device="cuda")
-    out = torch.empty(s, p, device="cuda")
-    tk.sample_diag_gaussian_triton(
-        zeros, zeros, ones, ones, torch.tensor([0, p], device="cuda"), 1, 0, 0, out, math_mode=math_mode
-    )
-    ref = normals_ref(p, s, 1, device="cuda")
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, rtol=0.0, atol=z_atol)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_autotuned_segments_bf16() -> None:
-    shapes = [(k % 300 + 1, 3) for k in range(120)]
-    thetas, vs, outs = _segment_inputs(shapes, 4, torch.bfloat16)
-    refs = [torch.empty_like(o) for o in outs]
-    ts.sample_into_segments(thetas, vs, outs, a=2.0, b=0.5, seed=9)
-    ts.sample_into_segments_ref(thetas, vs, refs, a=2.0, b=0.5, seed=9)
-    for o, r in zip(outs, refs, strict=True):
-        _assert_samples_close(o, r, 2.0**0.5, 2.0**-7)
