@@ -56,7 +56,7 @@ def _machine() -> str:
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo.regression import parse_methods, run_regression, score
+    from .demo.regression import l2m_notes, parse_methods, run_regression, score
     from .demo.report import draw_figure
     from .demo.tables import markdown_table, write_csv
     from .demo.toy import ToyConfig
@@ -90,10 +90,11 @@ def _demo(args: argparse.Namespace) -> int:
         )
     note = (
         f"Toy regression, {len(res.x)} points, epochs={cfg.epochs}, samples={cfg.samples}; predictive variance = "
-        f"epistemic + 3^2 (known noise) for NLL and coverage; {len(res.test_y)} fresh test draws in [-4, 4]. "
+        f"epistemic + 3^2 (known noise; the calibrated L2M rows: + the noise variance they fitted on validation "
+        f"draws) for NLL and coverage; {len(res.test_y)} fresh test draws in [-4, 4]. "
         f"Machine: {_machine()} (run with {args.threads} thread). Wall time {wall:.1f} s."
     )
-    md = "\n\n".join(x for x in (note, table, diag) if x) + "\n"
+    md = "\n\n".join(x for x in (note, table, diag, "\n".join(l2m_notes(res))) if x) + "\n"
     (out / "regression.md").write_text(md)
     print(md)
     print(f"figure: {fig}")

@@ -18,7 +18,8 @@ def test_demo_l2m_and_dropout(tmp_path, capsys):
     assert f"figure: {out / 'figure1.png'}" in text
     assert "L2M (paper mode)" in text and "L2M (explicit mode)" in text and "MC dropout" in text
     assert "L2M (paper mode, sampled + calibrated)" in text and "L2M (explicit mode, linearized + calibrated)" in text
-    assert len((out / "regression.csv").read_text().splitlines()) == 6
+    assert "L2M (tracked Fisher" in text and "evidence gamma" in text
+    assert len((out / "regression.csv").read_text().splitlines()) == 8
 
 
 def test_demo_other_baselines_with_hmc_diagnostics(tmp_path, capsys):

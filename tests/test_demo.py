@@ -38,13 +38,12 @@ def test_toy_data_is_deterministic_and_in_range():
 
 
 def test_parse_methods():
-    assert parse_methods("all") == [
-        "rpf", "mc_dropout", "ensemble", "swag", "hmc", "l2m_paper", "l2m_explicit", "l2m_paper_calibrated",
-        "l2m_explicit_calibrated",
+    l2m = [
+        "l2m_paper", "l2m_explicit", "l2m_paper_calibrated", "l2m_explicit_calibrated", "l2m_fisher_calibrated",
+        "l2m_fisher_pass_calibrated",
     ]
-    assert parse_methods("l2m,mc_dropout") == [
-        "mc_dropout", "l2m_paper", "l2m_explicit", "l2m_paper_calibrated", "l2m_explicit_calibrated"
-    ]
+    assert parse_methods("all") == ["rpf", "mc_dropout", "ensemble", "swag", "hmc", *l2m, "laplace_diag"]
+    assert parse_methods("l2m,mc_dropout") == ["mc_dropout", *l2m]
     assert parse_methods("l2m_paper,hmc") == ["hmc", "l2m_paper"]
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods("bogus")

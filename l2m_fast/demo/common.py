@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MethodRun", "Timer", "stack_predictions"]
+from ..fisher import FisherTracker
+
+__all__ = ["MethodRun", "Timer", "TimedTracker", "stack_predictions"]
 
 
 @dataclass
@@ -46,3 +48,17 @@ class Timer:
 def stack_predictions(models: list[nn.Module], queries: Tensor) -> Tensor:
     """(M, Q) outputs of M networks at (Q, 1) queries."""
     return torch.stack([m(queries).squeeze(-1) for m in models])
+
+
+class TimedTracker(FisherTracker):
+    """A :class:`~l2m_fast.fisher.FisherTracker` that also counts the seconds its updates take (its training
+    overhead, which the demos report apart from the training itself)."""
+
+    seconds = 0.0
+
+    def update(self, outputs: Tensor) -> bool:
+        t0 = time.perf_counter()
+        try:
+            return super().update(outputs)
+        finally:
+            self.seconds += time.perf_counter() - t0

@@ -18,22 +18,13 @@ import torch
 from torch import Tensor
 
 from .common import MethodRun, Timer
+from .l2m_method import L2M_ROWS
 from .metrics import coverage, gaussian_nll
 from .toy import NOISE_STD, ToyConfig, fresh_draws, grid, mlp, toy_data, train_map
 
-__all__ = ["METHODS", "LABELS", "parse_methods", "run_regression", "RegressionResult", "score"]
+__all__ = ["METHODS", "LABELS", "parse_methods", "run_regression", "RegressionResult", "score", "l2m_notes"]
 
-METHODS = (
-    "rpf",
-    "mc_dropout",
-    "ensemble",
-    "swag",
-    "hmc",
-    "l2m_paper",
-    "l2m_explicit",
-    "l2m_paper_calibrated",
-    "l2m_explicit_calibrated",
-)
+METHODS = ("rpf", "mc_dropout", "ensemble", "swag", "hmc", *L2M_ROWS, "laplace_diag")
 LABELS = {
     "rpf": "Randomized prior functions",
     "mc_dropout": "MC dropout",
@@ -44,10 +35,10 @@ LABELS = {
     "l2m_explicit": "L2M (explicit mode)",
     "l2m_paper_calibrated": "L2M (paper mode, sampled + calibrated)",
     "l2m_explicit_calibrated": "L2M (explicit mode, linearized + calibrated)",
+    "l2m_fisher_calibrated": "L2M (tracked Fisher, evidence prior, linearized + calibrated)",
+    "l2m_fisher_pass_calibrated": "L2M (Fisher from passes, evidence prior, linearized + calibrated)",
+    "laplace_diag": "laplace-torch diag GGN (marglik prior, GLM)",
 }
-VALIDATION_POINTS = 200
-"""Fresh draws from the data distribution (their own seed) on which the calibrated L2M rows fit the
-temperature and, jointly, their own noise variance (which then replaces the known 3^2 in their scores)."""
 
 
 def parse_methods(spec: str) -> list[str]:
@@ -57,7 +48,7 @@ def parse_methods(spec: str) -> list[str]:
     wanted: set[str] = set()
     for w in (s.strip() for s in spec.split(",") if s.strip()):
         if w == "l2m":
-            wanted |= {m for m in METHODS if m.startswith("l2m")}
+            wanted |= set(L2M_ROWS)
         elif w in METHODS:
             wanted.add(w)
         else:
@@ -99,7 +90,7 @@ def run_regression(
     from .baselines.mc_dropout import run_mc_dropout
     from .baselines.rpf import run_rpf
     from .baselines.swag import run_swag
-    from .l2m_method import build_l2m, l2m_samples
+    from .l2m_method import fisher_tracker, run_l2m, run_laplace
 
     x, y = toy_data()
     g = grid()
@@ -112,15 +103,16 @@ def run_regression(
             b.close()  # type: ignore[attr-defined]
 
     runs: dict[str, MethodRun] = {}
-    map_model, map_opt, map_s = None, None, 0.0
-    if any(m in ("swag", "hmc") or m.startswith("l2m") for m in methods):
+    map_model, map_opt, map_s, tracker = None, None, 0.0, None
+    if any(m in ("swag", "hmc", "laplace_diag") or m.startswith("l2m") for m in methods):
         torch.manual_seed(cfg.seed)
         map_model = mlp(cfg.hidden)
+        tracker = fisher_tracker(map_model, cfg)  # tracks the last steps; the training is unchanged
         b = mk("MAP (AdamW)", cfg.epochs)
         with Timer() as t:
-            map_opt = train_map(map_model, x, y, cfg, progress=b)
+            map_opt = train_map(map_model, x, y, cfg, progress=b, tracker=tracker)
         close(b)
-        map_s = t.s
+        map_s = t.s - tracker.seconds  # the MAP's own training; the tracker's share goes to the Fisher row
     for name in methods:
         if name == "rpf":
             b = mk(LABELS[name], cfg.epochs * cfg.ensemble_size)
@@ -138,38 +130,16 @@ def run_regression(
         elif name == "hmc":
             b = mk(LABELS[name], cfg.hmc_burn + cfg.hmc_samples)
             runs[name] = run_hmc(map_model, x, y, queries, cfg, progress=b)
+        elif name == "laplace_diag":
+            b = None
+            run = run_laplace(map_model, x, y, queries, cfg, map_s)
+            if run is not None:
+                runs[name] = run
         else:
             b = mk(LABELS[name], cfg.samples)
-            mode = name.split("_")[1]
-            options = {} if mode == "paper" else {"num_data": x.shape[0], "batch_size": x.shape[0]}
-            calibrated = name.endswith("_calibrated")
-            linearized = calibrated and mode == "explicit"
-            with Timer() as t_post:
-                post = build_l2m(map_model, map_opt, mode, **options)
-                if calibrated:  # tau and a noise variance fitted jointly on fresh validation draws
-                    vx, vy = fresh_draws(VALIDATION_POINTS, seed=2)
-                    post = post.calibrated(
-                        map_model, vx, vy, task="regression", linearized=linearized, num_samples=cfg.samples,
-                        seed=cfg.seed,
-                    )
-            with Timer() as t_pred:
-                samples = l2m_samples(post, map_model, queries, cfg.samples, cfg.seed, linearized=linearized)
-                samples = samples.squeeze(-1)
+            runs[name] = run_l2m(name, map_model, map_opt, tracker, x, queries, cfg, map_s)
             if b is not None:
                 b.update(cfg.samples)  # type: ignore[attr-defined]
-            var = post.variance()
-            runs[name] = MethodRun(
-                samples,
-                train_s=map_s,
-                posthoc_s=t_post.s,
-                predict_s=t_pred.s,
-                diagnostics={
-                    "max_weight_var": float(var.max()),
-                    "median_weight_var": float(var.median()),
-                    "temperature": post.temperature,
-                    **({"noise_var": post.calibration.noise_var} if calibrated else {}),
-                },
-            )
         close(b)
     return RegressionResult(x, y, g.squeeze(1), tx.squeeze(1), ty.squeeze(1), runs, map_s)
 
@@ -211,3 +181,24 @@ def score(res: RegressionResult) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def l2m_notes(res: RegressionResult) -> list[str]:
+    """One line per L2M (and laplace-torch) row: what its calibration, evidence and Fisher found."""
+    keys = (
+        ("temperature", "temperature {:.4g}"),
+        ("noise_var", "noise variance {:.4g}"),
+        ("gamma", "evidence gamma {:.4g}"),
+        ("tracked_steps", "{:.0f} tracked steps"),
+        ("fisher_passes", "{:.0f} passes"),
+        ("prior_precision", "prior precision {:.4g}"),
+    )
+    lines = []
+    for name, run in res.runs.items():
+        if not name.startswith(("l2m", "laplace")):
+            continue
+        d = run.diagnostics
+        parts = [fmt.format(d[k]) for k, fmt in keys if k in d and not math.isnan(d[k])]
+        if parts:
+            lines.append(f"{LABELS[name]}: " + ", ".join(parts))
+    return lines

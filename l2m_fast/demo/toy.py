@@ -115,6 +115,7 @@ def train_map(
     prior_scale: float = 0.0,
     target: Tensor | None = None,
     progress: object | None = None,
+    tracker: object | None = None,
 ) -> torch.optim.AdamW:
     """Full-batch AdamW on the mean squared error, the paper's training.
 
@@ -127,6 +128,7 @@ def train_map(
         prior_scale: its scale.
         target: (N, 1) targets to fit instead of ``y`` (bootstrapped or perturbed targets).
         progress: optional tqdm bar, advanced once per epoch.
+        tracker: optional :class:`~l2m_fast.fisher.FisherTracker`, updated with each step's outputs.
 
     Returns:
         The optimizer, holding Adam's second moment.
@@ -140,7 +142,10 @@ def train_map(
     model.train()
     for _ in range(cfg.epochs):
         opt.zero_grad(set_to_none=True)
-        loss = torch.mean((model(x) + offset - tgt) ** 2)
+        out = model(x)
+        if tracker is not None:
+            tracker.update(out)  # type: ignore[attr-defined]
+        loss = torch.mean((out + offset - tgt) ** 2)
         loss.backward()
         opt.step()
         if progress is not None:
