@@ -2,11 +2,12 @@
 // (16 lanes), AVX2 (8 lanes) and baseline x86-64 (4 lanes), chosen at run time. Never -march=native:
 // the binary runs on any x86-64 CPU.
 //
-// One pass over the elements: a vector block reads theta, v and its segments' (a, b) once, computes
-// sigma, then for every group of four samples makes one Philox4x32-10 call per element and writes the
-// four samples (rows s of out) directly. The last, partial block runs the same vector code on
-// zero-padded inputs and stores only its valid lanes, so tail elements get the same bits as elements
-// inside a block.
+// The sampler makes one pass over the elements: a super-block of vector blocks reads theta, v and its
+// segments' (a, b) once, computes sigma, then for every group of four samples makes one Philox4x32-10
+// call per element and writes the samples of that group that are wanted (rows s of out) directly;
+// what no wanted sample uses (a Box-Muller pair, a sine, Philox words) is not computed. The last,
+// partial super-block runs the same vector code on zero-padded inputs and stores only its valid lanes,
+// so tail elements get the same bits as elements inside a block.
 #include "sampler_kernels.h"
 
 #include <immintrin.h>
@@ -29,30 +30,34 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
 #define L2M_NS avx512
 #define L2M_LANES 16
+#define L2M_UNROLL 2
 #include "sampler_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
+#undef L2M_UNROLL
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi2")
 #define L2M_NS avx2
 #define L2M_LANES 8
+#define L2M_UNROLL 2
 #include "sampler_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
+#undef L2M_UNROLL
 #pragma GCC pop_options
 
 #define L2M_NS base
 #define L2M_LANES 4
+#define L2M_UNROLL 2
 #include "sampler_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
+#undef L2M_UNROLL
 
 namespace l2m_fast_cpu {
 namespace {
-
-static_assert(kBlock % 16 == 0, "parallel splits must be whole vector blocks of every ISA");
 
 #define L2M_ISA_TABLE(NS, TARGET)                                                                   \
   template <int kOut, int kVar>                                                                    \

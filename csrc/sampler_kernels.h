@@ -6,8 +6,8 @@
 
 namespace l2m_fast_cpu {
 
-// Elements per vector block (the lanes of sampler_math.h); parallel splits are multiples of it.
-constexpr int kBlock = 16;
+// Elements per parallel block: a whole number of super-blocks (vector lanes x unroll) of every ISA.
+constexpr int kBlock = 32;
 
 enum OutKind : int { kOutFloat32 = 0, kOutBFloat16 = 1, kOutFloat16 = 2 };
 
