@@ -1,6 +1,6 @@
-// The fused CPU sampler, compiled three times from one lane-wise body (sampler_impl.inc): AVX-512
-// (16 lanes), AVX2 (8 lanes) and baseline x86-64 (4 lanes), chosen at run time. Never -march=native:
-// the binary runs on any x86-64 CPU.
+// The fused CPU sampler and the loops of the value checks, compiled three times from one lane-wise body
+// each (sampler_impl.inc, checks_impl.inc): AVX-512 (16 lanes), AVX2 (8 lanes) and baseline x86-64
+// (4 lanes), chosen at run time. Never -march=native: the binary runs on any x86-64 CPU.
 //
 // The sampler makes one pass over the elements: a super-block of vector blocks reads theta, v and its
 // segments' (a, b) once, computes sigma, then for every group of four samples makes one Philox4x32-10
@@ -32,6 +32,7 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 #define L2M_LANES 16
 #define L2M_UNROLL 2
 #include "sampler_impl.inc"
+#include "checks_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
 #undef L2M_UNROLL
@@ -43,6 +44,7 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 #define L2M_LANES 8
 #define L2M_UNROLL 2
 #include "sampler_impl.inc"
+#include "checks_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
 #undef L2M_UNROLL
@@ -52,6 +54,7 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 #define L2M_LANES 4
 #define L2M_UNROLL 2
 #include "sampler_impl.inc"
+#include "checks_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
 #undef L2M_UNROLL
@@ -66,6 +69,12 @@ namespace {
   }                                                                                                \
   TARGET void philox_##NS(const uint32_t* c, uint32_t* w, int64_t n, uint32_t k0, uint32_t k1) {  \
     NS::philox_words_impl(c, w, n, k0, k1);                                                        \
+  }                                                                                                \
+  TARGET unsigned copy_##NS(int kind, float* d, const void* s, int64_t n, bool check) {             \
+    return NS::copy_to_float(kind, d, s, n, check);                                                \
+  }                                                                                                \
+  TARGET unsigned scan_##NS(const float* v, int64_t n, float a, float b) {                        \
+    return NS::scan_run(v, n, a, b);                                                               \
   }                                                                                                \
   RangeFn table_##NS(int out_kind, int variant) {                                                  \
     if (out_kind == kOutFloat32) {                                                                 \
@@ -129,6 +138,22 @@ void philox_words(int isa, const uint32_t* counters, uint32_t* words, int64_t n,
     case kIsaAvx512: philox_avx512(counters, words, n, key0, key1); break;
     case kIsaAvx2: philox_avx2(counters, words, n, key0, key1); break;
     default: philox_base(counters, words, n, key0, key1); break;
+  }
+}
+
+unsigned copy_to_float(int src_kind, float* dst, const void* src, int64_t n, bool check) {
+  switch (best_isa()) {
+    case kIsaAvx512: return copy_avx512(src_kind, dst, src, n, check);
+    case kIsaAvx2: return copy_avx2(src_kind, dst, src, n, check);
+    default: return copy_base(src_kind, dst, src, n, check);
+  }
+}
+
+unsigned scan_values(const float* v, int64_t n, float a, float b) {
+  switch (best_isa()) {
+    case kIsaAvx512: return scan_avx512(v, n, a, b);
+    case kIsaAvx2: return scan_avx2(v, n, a, b);
+    default: return scan_base(v, n, a, b);
   }
 }
 

@@ -1,4 +1,5 @@
-// torch.ops.l2m_fast_cpu: the CPU kernel of l2m_fast::sample_diag_gaussian_out and test-only ops.
+// torch.ops.l2m_fast_cpu: the CPU kernel of l2m_fast::sample_diag_gaussian_out, test-only ops, and the
+// value checks (checks_op.inc).
 //
 // The Python op l2m_fast::sample_diag_gaussian_out (l2m_fast/ops/sample.py) registers a CPU kernel
 // (l2m_fast/ops/cpu.py) that calls l2m_fast_cpu::sample_diag_gaussian_out. Every entry point checks
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "sampler_kernels.h"
+#include "checks_op.inc"
 
 namespace l2m_fast_cpu {
 namespace {
@@ -161,12 +163,19 @@ TORCH_LIBRARY(l2m_fast_cpu, m) {
       "int sample_offset, int element_offset, Tensor(a!) out, int isa, int variant) -> ()");
   m.def("philox4x32(Tensor counters, int seed, int isa=-1) -> Tensor");
   m.def("best_isa() -> int", &best_isa_op);
+  // Value checks (checks_op.inc): first offending indices, -1 where none.
+  m.def("scan_values(Tensor v, Tensor a, Tensor b, Tensor bounds) -> int[]");
+  m.def("copy_checked_(Tensor(a!) dst, Tensor src, bool check) -> int[]");
+  m.def("advise_huge_pages(Tensor t) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(l2m_fast_cpu, CPU, m) {
   m.impl("sample_diag_gaussian_out", &sample_diag_gaussian_out);
   m.impl("sample_variant", &sample_variant);
   m.impl("philox4x32", &philox4x32);
+  m.impl("scan_values", &scan_values_op);
+  m.impl("copy_checked_", &copy_checked_op);
+  m.impl("advise_huge_pages", &advise_huge_pages);
 }
 
 }  // namespace l2m_fast_cpu
