@@ -30,34 +30,28 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
 #define L2M_NS avx512
 #define L2M_LANES 16
-#define L2M_UNROLL 2
 #include "sampler_impl.inc"
 #include "checks_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
-#undef L2M_UNROLL
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi2")
 #define L2M_NS avx2
 #define L2M_LANES 8
-#define L2M_UNROLL 2
 #include "sampler_impl.inc"
 #include "checks_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
-#undef L2M_UNROLL
 #pragma GCC pop_options
 
 #define L2M_NS base
 #define L2M_LANES 4
-#define L2M_UNROLL 2
 #include "sampler_impl.inc"
 #include "checks_impl.inc"
 #undef L2M_NS
 #undef L2M_LANES
-#undef L2M_UNROLL
 
 namespace l2m_fast_cpu {
 namespace {
