@@ -277,7 +277,7 @@ def sample_diag_gaussian(
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         out = torch.empty(num_samples, n, dtype=dtype, device=device)
-        if device.type == "cpu":
+        if device.type == "cpu" and not torch.compiler.is_compiling():
             from .cpu import advise_huge_pages  # imported here: cpu imports this module
 
             advise_huge_pages(out)
