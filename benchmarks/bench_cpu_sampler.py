@@ -11,8 +11,8 @@ Sampler table, per (P, S), all writing S samples of P float32 elements into a bu
 beforehand unless said otherwise (``sigma = 1/sqrt(a v + b)`` computed inside each):
 
 * ``fused op``: ``l2m_fast.ops.sample_diag_gaussian(..., out=, validate=False)``; ``validated``: the
-  same with ``validate=True`` (the compiled one-pass value check); ``allocating``: a fresh output each
-  call (its page faults included);
+  same with ``validate=True`` (the value check fused into the kernel's pass over v); ``allocating``: a
+  fresh output each call (its page faults included);
 * ``baseline kernel``: with ``--baseline REV``, the C++ kernel of git revision REV built aside
   (its library renamed ``l2m_fast_cpu_baseline``), the same call through the raw op;
 * ``batched``: ``torch.randn(S, P)`` then ``addcmul``; ``naive loop``: per sample ``randn`` + ``addcmul``;

@@ -58,8 +58,8 @@ namespace {
 
 #define L2M_ISA_TABLE(NS, TARGET)                                                                   \
   template <int kOut, int kVar>                                                                    \
-  TARGET void range_##NS(const SampleArgs& A, int64_t j_begin, int64_t j_end) {                   \
-    NS::sample_range_impl<kOut, kVar>(A, j_begin, j_end);                                          \
+  TARGET unsigned range_##NS(const SampleArgs& A, int64_t j_begin, int64_t j_end) {               \
+    return NS::sample_range_impl<kOut, kVar>(A, j_begin, j_end);                                   \
   }                                                                                                \
   TARGET void philox_##NS(const uint32_t* c, uint32_t* w, int64_t n, uint32_t k0, uint32_t k1) {  \
     NS::philox_words_impl(c, w, n, k0, k1);                                                        \

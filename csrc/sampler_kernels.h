@@ -38,10 +38,13 @@ struct SampleArgs {
   uint32_t key0, key1;      // Philox key from the seed
   void* out;                // (S, P), element type given by out_kind
   int out_kind;
+  int check_values;         // nonzero: also test v and the precision (BadValue flags returned)
 };
 
-// Writes out[:, j_begin:j_end] (local element indices, 0 <= j_begin <= j_end <= P).
-using RangeFn = void (*)(const SampleArgs&, int64_t j_begin, int64_t j_end);
+// Writes out[:, j_begin:j_end] (local element indices, 0 <= j_begin <= j_end <= P); with
+// A.check_values, returns the BadValue flags (kBadNonFinite | kBadNegative | kBadPrecision) of
+// v[j_begin:j_end], else 0.
+using RangeFn = unsigned (*)(const SampleArgs&, int64_t j_begin, int64_t j_end);
 
 // Best ISA this CPU supports (kIsaBase, kIsaAvx2 or kIsaAvx512).
 int best_isa();

@@ -143,6 +143,49 @@ def test_validated_sampling_agrees_with_unvalidated() -> None:
     assert torch.equal(checked, sample_diag_gaussian(theta, v, 3, b=0.5, seed=4, validate=False))
 
 
+@pytest.mark.parametrize("num_samples,sample_offset", [(1, 0), (1, 3), (2, 1), (4, 0), (7, 2)])
+def test_sampling_with_the_fused_check(ops, num_samples, sample_offset) -> None:
+    """sample_checked: the same samples as the plain op, and the flags of exactly the valid elements."""
+    n = 100_037  # several parallel blocks, a tail super-block with padded lanes
+    a, b, bounds = _segments(n)
+    theta = torch.randn(n)
+    v = torch.rand(n) + 0.5
+    plain = torch.empty(num_samples, n)
+    ops.sample_diag_gaussian_out(theta, v, a, b, bounds, 3, sample_offset, 9, plain)
+    fused = torch.empty_like(plain)
+    assert ops.sample_checked(theta, v, a, b, bounds, 3, sample_offset, 9, fused) == 0
+    assert torch.equal(fused, plain)
+    # b = 0 in the last segment: its zero-padded tail lanes would have a zero precision, but are not elements
+    b_last = torch.tensor([0.1, 1.0, 0.0])
+    assert ops.sample_checked(theta, v, a, b_last, bounds, 3, sample_offset, 9, fused) == 0
+    for pos in _positions(n):
+        for bad, flag in [(_NAN, 1), (_INF, 1), (-1.0, 2), (0.0, 4)]:
+            w = v.clone()
+            w[pos] = bad
+            b_here = torch.zeros(3) if bad == 0.0 else b
+            assert ops.sample_checked(theta, w, a, b_here, bounds, 3, sample_offset, 9, fused) & flag == flag
+
+
+def test_validated_sampling_reports_like_check_values() -> None:
+    theta = torch.randn(5000)
+    cases = [(0, _NAN, "non-finite value at element 0"), (4999, -2.0, "negative value at element 4999"),
+             (2500, _INF, "non-finite value at element 2500")]
+    for pos, bad, message in cases:
+        v = torch.rand(5000)
+        if bad != -2.0:
+            v[pos // 2] = -1.0  # an earlier negative never hides a non-finite
+        v[pos] = bad
+        with pytest.raises(ValueError, match=message):
+            sample_diag_gaussian(theta, v, 1, b=0.1)
+    v = torch.rand(5000)
+    v[1234] = 0.0
+    with pytest.raises(ValueError, match=r"not positive at element 1234 \(segment 1\)"):
+        sample_diag_gaussian(theta, v, 2, a=[1.0, 1.0], b=[1.0, 0.0], bounds=[0, 1000, 5000])
+    assert sample_diag_gaussian(theta, v, 0, b=0.1).shape == (0, 5000)  # S = 0: nothing to sample
+    with pytest.raises(ValueError, match="non-finite"):
+        sample_diag_gaussian(theta, torch.full((5000,), _NAN), 0, b=0.1)  # ... but still checked
+
+
 # ---------------------------------------------------------------- copy_checked_
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "BadValueError",
+    "check_segments",
     "check_values",
     "copy_checked_",
     "copy_checked_ref",
@@ -79,7 +80,18 @@ def first_bad_values_ref(v: Tensor, a: Tensor | None = None, b: Tensor | None = 
     return non_finite, negative, non_positive
 
 
-def _check_segments(v: Tensor, a: Tensor, b: Tensor, bounds: Tensor) -> None:
+def check_segments(v: Tensor, a: Tensor, b: Tensor, bounds: Tensor) -> None:
+    """The per-segment part of :func:`check_values` (no pass over ``v``): bounds, finite ``a, b``, ``a >= 0``.
+
+    Args:
+        v: (P,) values (only its size is used).
+        a: (G,) float32.
+        b: (G,) float32.
+        bounds: (G + 1,) int64.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
     n = v.numel()
     bl = bounds.tolist()
     if len(bl) != a.numel() + 1 or bl[0] != 0 or bl[-1] != n or any(x > y for x, y in zip(bl, bl[1:])):
@@ -112,7 +124,7 @@ def check_values(v: Tensor, a: Tensor, b: Tensor, bounds: Tensor) -> None:
         ValueError: naming the first offending element (and its segment for a non-positive precision):
             a non-finite ``v`` anywhere is reported before a negative one, and both before the precision.
     """
-    _check_segments(v, a, b, bounds)
+    check_segments(v, a, b, bounds)
     ops = _compiled_ops() if v.device.type == "cpu" else None
     compiled = ops is not None and all(
         t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous() for t in (v, a, b)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from .checks import check_values
+from .checks import check_segments, check_values
 from .reference import sample_diag_gaussian_ref
 from .triton_kernel import HAS_TRITON, sample_diag_gaussian_triton
 
@@ -230,12 +230,18 @@ def sample_diag_gaussian(
         element_offset: global flat index of ``theta[0]`` (for shards and subsets). Default 0.
         dtype: output dtype, float32, bfloat16 or float16, when ``out`` is None. Default float32.
         out: optional (S, P) contiguous buffer to write into (its dtype is used).
-        validate: check the values of ``v``, ``a``, ``b`` and ``bounds`` (:func:`check_values`: one
-            extra read of ``v``, compiled and parallel on the CPU); callers that checked them once, like
-            :class:`~l2m_fast.L2MPosterior`, pass False.
+        validate: check the values of ``v``, ``a``, ``b`` and ``bounds`` (:func:`check_values`). With
+            the compiled CPU kernel the test of ``v`` rides on the sampling pass (no extra read), so on
+            a ValueError ``out`` has been written; elsewhere it is one extra read of ``v`` before
+            sampling. Callers that checked the values once, like :class:`~l2m_fast.L2MPosterior`, pass
+            False.
 
     Returns:
         out: (S, P) samples.
+
+    Raises:
+        ValueError: with ``validate``, for a non-finite or negative ``v``, a precision ``a v + b`` that
+            is not positive, or bad segments, naming the first offending element or segment.
     """
     theta = _check_float32_vector(theta, "theta")
     v = _check_float32_vector(v, "v")
@@ -296,6 +302,15 @@ def sample_diag_gaussian(
     s = out.shape[0]
     if sample_offset + s > MAX_SAMPLES:
         raise ValueError(f"sample_offset + S = {sample_offset + s} exceeds the 2^32 sample indices of the contract")
+    if validate and device.type == "cpu" and s > 0 and n > 0 and not torch.compiler.is_compiling():
+        from .cpu import sample_checked  # imported here: cpu imports this module
+
+        check_segments(v, a_t, b_t, bounds_t)
+        found = sample_checked(theta, v, a_t, b_t, bounds_t, signed_seed, sample_offset, element_offset, out)
+        if found is not None:  # the compiled kernel sampled and tested v in the same pass
+            if found:
+                check_values(v, a_t, b_t, bounds_t)  # names the first offending element
+            return out
     if validate:
         check_values(v, a_t, b_t, bounds_t)
     sample_diag_gaussian_out(theta, v, a_t, b_t, bounds_t, signed_seed, sample_offset, element_offset, out)
