@@ -1,4 +1,5 @@
-// torch.ops.l2m_fast_cpu: the CPU kernel of l2m_fast::sample_diag_gaussian_out and test-only ops.
+// torch.ops.l2m_fast_cpu: the CPU kernel of l2m_fast::sample_diag_gaussian_out, test-only ops, and the
+// value checks (checks_op.inc).
 //
 // The Python op l2m_fast::sample_diag_gaussian_out (l2m_fast/ops/sample.py) registers a CPU kernel
 // (l2m_fast/ops/cpu.py) that calls l2m_fast_cpu::sample_diag_gaussian_out. Every entry point checks
@@ -11,12 +12,14 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "sampler_kernels.h"
+#include "checks_op.inc"
 
 namespace l2m_fast_cpu {
 namespace {
@@ -95,25 +98,41 @@ SampleArgs check_and_pack(const at::Tensor& theta, const at::Tensor& v, const at
   return A;
 }
 
-void run(const SampleArgs& A, int64_t isa, int64_t variant) {
+// Runs the kernel over all elements, in parallel; returns the BadValue flags found (A.check_values).
+unsigned run(const SampleArgs& A, int64_t isa, int64_t variant) {
   TORCH_CHECK(isa >= kIsaAuto && isa <= kIsaAvx512, "isa must be -1 (auto), 0, 1 or 2, got ", isa);
   TORCH_CHECK(variant >= 0 && variant < kNumVariants, "variant must lie in [0, ", int(kNumVariants), "), got ",
               variant);
   const RangeFn fn = range_kernel(static_cast<int>(isa), A.out_kind, static_cast<int>(variant));
   TORCH_CHECK(fn != nullptr, "no kernel for isa ", isa, " (this CPU supports up to ", isa_name(best_isa()),
               "), output kind ", A.out_kind, ", variant ", variant, " (variants are float32-only)");
-  if (A.num_samples == 0 || A.num_elements == 0) return;
+  if (A.num_samples == 0 || A.num_elements == 0) return 0;
   const int64_t P = A.num_elements;
   const int64_t num_vectors = (P + kBlock - 1) / kBlock;
+  std::atomic<unsigned> flags{0};
   at::parallel_for(0, num_vectors, kGrainVectors, [&](int64_t begin, int64_t end) {
-    fn(A, begin * kBlock, std::min(end * kBlock, P));
+    const unsigned found = fn(A, begin * kBlock, std::min(end * kBlock, P));
+    if (found) flags.fetch_or(found, std::memory_order_relaxed);
   });
+  return flags.load();
 }
 
 void sample_diag_gaussian_out(const at::Tensor& theta, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
                               const at::Tensor& bounds, int64_t seed, int64_t sample_offset, int64_t element_offset,
                               const at::Tensor& out) {
   run(check_and_pack(theta, v, a, b, bounds, seed, sample_offset, element_offset, out), kIsaAuto, kFull);
+}
+
+// The op with the value check fused in (S > 0): also tests v and a v + b on the way and returns the
+// BadValue flags found (0: all finite, non-negative, positive precision). On nonzero flags out holds
+// the samples of the bad values (NaN, inf); the caller reports the first offender.
+int64_t sample_checked(const at::Tensor& theta, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
+                       const at::Tensor& bounds, int64_t seed, int64_t sample_offset, int64_t element_offset,
+                       const at::Tensor& out) {
+  SampleArgs A = check_and_pack(theta, v, a, b, bounds, seed, sample_offset, element_offset, out);
+  TORCH_CHECK(A.num_samples > 0, "sample_checked needs S > 0 samples (the check rides on the sampling)");
+  A.check_values = 1;
+  return run(A, kIsaAuto, kFull);
 }
 
 void sample_variant(const at::Tensor& theta, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
@@ -159,14 +178,25 @@ TORCH_LIBRARY(l2m_fast_cpu, m) {
   m.def(
       "sample_variant(Tensor theta, Tensor v, Tensor a, Tensor b, Tensor bounds, int seed, "
       "int sample_offset, int element_offset, Tensor(a!) out, int isa, int variant) -> ()");
+  m.def(
+      "sample_checked(Tensor theta, Tensor v, Tensor a, Tensor b, Tensor bounds, int seed, "
+      "int sample_offset, int element_offset, Tensor(a!) out) -> int");
   m.def("philox4x32(Tensor counters, int seed, int isa=-1) -> Tensor");
   m.def("best_isa() -> int", &best_isa_op);
+  // Value checks (checks_op.inc): first offending indices, -1 where none.
+  m.def("scan_values(Tensor v, Tensor a, Tensor b, Tensor bounds) -> int[]");
+  m.def("copy_checked_(Tensor(a!) dst, Tensor src, bool check) -> int[]");
+  m.def("advise_huge_pages(Tensor t) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(l2m_fast_cpu, CPU, m) {
   m.impl("sample_diag_gaussian_out", &sample_diag_gaussian_out);
   m.impl("sample_variant", &sample_variant);
+  m.impl("sample_checked", &sample_checked);
   m.impl("philox4x32", &philox4x32);
+  m.impl("scan_values", &scan_values_op);
+  m.impl("copy_checked_", &copy_checked_op);
+  m.impl("advise_huge_pages", &advise_huge_pages);
 }
 
 }  // namespace l2m_fast_cpu

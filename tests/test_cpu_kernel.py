@@ -20,7 +20,7 @@ import torch
 
 from l2m_fast._env import env_flag
 from l2m_fast.ops import cpu as cpu_backend
-from l2m_fast.ops.reference import normals_ref, philox4x32_ref, sample_diag_gaussian_ref
+from l2m_fast.ops.reference import normals_ref, philox4x32_ref, sample_diag_gaussian_ref, uniforms_ref
 from l2m_fast.ops.sample import sample_diag_gaussian, sample_diag_gaussian_out
 
 _EPS32 = torch.finfo(torch.float32).eps
@@ -154,6 +154,77 @@ def test_identical_across_threads_isas_and_chunkings(ops) -> None:
         ops.sample_diag_gaussian_out(theta[lo:hi].contiguous(), v[lo:hi].contiguous(), a[seg].contiguous(),
                                      b[seg].contiguous(), torch.arange(hi - lo + 1), 7, 0, lo, part)
         assert torch.equal(part, whole[:, lo:hi])
+
+
+def test_partial_groups_match_full_groups(ops) -> None:
+    """Every (S, sample_offset mod 4) skips exactly the work of the rows it does not write.
+
+    Twelve samples from offset 0 are three whole groups of four (nothing skipped); any S <= 8 samples
+    from any offset inside them must be the same rows bit for bit, on every ISA, with 1 and 2 threads.
+    P = 77 has whole super-blocks and a tail on every ISA; the element offset puts a carry of the
+    counter's low word inside a block; three segments change (a, b) inside blocks.
+    """
+    num_elements, element_offset, seed = 77, (1 << 32) - 40, 0x0123456789ABCDEF
+    theta, v, a, b, bounds = _problem(num_elements, num_segments=3, seed=8)
+    args = (theta, v, a, b, bounds, _signed(seed))
+    threads = torch.get_num_threads()
+    try:
+        for isa in _isas(ops):
+            whole = torch.empty(12, num_elements)
+            ops.sample_variant(*args, 0, element_offset, whole, isa, 0)
+            for num_threads in (1, 2):
+                torch.set_num_threads(num_threads)
+                for num_samples in range(1, 9):
+                    for sample_offset in range(0, 12 - num_samples + 1):
+                        part = torch.empty(num_samples, num_elements)
+                        ops.sample_variant(*args, sample_offset, element_offset, part, isa, 0)
+                        assert torch.equal(part, whole[sample_offset:sample_offset + num_samples]), (
+                            f"isa {isa}, {num_threads} thread(s), S={num_samples}, sample_offset={sample_offset}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("sample_offset", range(4))
+@pytest.mark.parametrize("num_samples", [1, 2, 3, 4, 6])
+def test_philox_words_of_every_partial_group(ops, num_samples, sample_offset) -> None:
+    """The sampler's own Philox (first round specialised, unused words dropped) gives the contract's words.
+
+    Variant 1 (no Box-Muller) writes theta + sigma * u with the uniforms u of the words; theta = 0 and
+    sigma = 1 make the output the uniforms, exact in float32: the top 24 bits of each word used.
+    """
+    num_elements, element_offset, seed = 45, (1 << 32) - 20, 0xFEDCBA9876543210
+    zeros = torch.zeros(num_elements)
+    a, b, bounds = torch.zeros(1), torch.ones(1), torch.tensor([0, num_elements])
+    idx = torch.arange(element_offset, element_offset + num_elements)
+    expected = torch.empty(num_samples, num_elements)
+    for s in range(num_samples):
+        q, w = divmod(sample_offset + s, 4)
+        words = philox4x32_ref(idx & 0xFFFFFFFF, idx >> 32, torch.full_like(idx, q), torch.zeros_like(idx),
+                               (seed & 0xFFFFFFFF, seed >> 32))
+        expected[s] = uniforms_ref(words[w - w % 2], words[w - w % 2 + 1])[w % 2]
+    for isa in _isas(ops):
+        out = torch.empty(num_samples, num_elements)
+        ops.sample_variant(zeros, zeros, a, b, bounds, _signed(seed), sample_offset, element_offset, out, isa, 1)
+        assert torch.equal(out, expected), f"isa {isa}"
+
+
+@pytest.mark.parametrize("num_samples,sample_offset", [(1, 0), (1, 3), (2, 1), (3, 2), (5, 3)])
+def test_few_samples_identical_across_threads_and_isas(ops, num_samples, sample_offset) -> None:
+    num_elements = 50_021  # several parallel blocks per thread, a tail
+    theta, v, a, b, bounds = _problem(num_elements, num_segments=4, seed=num_samples)
+    args = (theta, v, a, b, bounds, 99, sample_offset, 123)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.empty(num_samples, num_elements)
+        ops.sample_diag_gaussian_out(*args, one)
+        torch.set_num_threads(2)
+        for isa in _isas(ops):
+            two = torch.empty_like(one)
+            ops.sample_variant(*args, two, isa, 0)
+            assert torch.equal(one, two), f"isa {isa}"
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

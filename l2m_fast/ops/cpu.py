@@ -27,7 +27,7 @@ from .._env import env_flag
 from .reference import sample_diag_gaussian_ref
 from .sample import record_ran, sample_diag_gaussian_out
 
-__all__ = ["backend", "backend_detail", "load_ops"]
+__all__ = ["backend", "backend_detail", "load_ops", "advise_huge_pages", "sample_checked"]
 
 _ENV_FORCE_REFERENCE = "L2M_FAST_FORCE_REFERENCE"
 _JIT_NAME = "l2m_fast_cpu_jit"
@@ -136,6 +136,48 @@ def backend_detail() -> str:
 def load_ops() -> object | None:
     """``torch.ops.l2m_fast_cpu`` once the compiled kernel is loaded; None when the reference runs."""
     return _get().ops
+
+
+def advise_huge_pages(t: Tensor) -> None:
+    """Asks Linux to back a large, not yet written CPU buffer with transparent huge pages.
+
+    Its first-touch page faults then cost several times less (one per 2 MiB instead of per 4 KiB).
+    Advice only: a no-op for small, non-contiguous or non-CPU tensors, other systems, and without the
+    compiled kernel.
+
+    Args:
+        t: a freshly allocated tensor, any shape.
+    """
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return
+    ops = _get().ops
+    if ops is not None:
+        ops.advise_huge_pages(t)
+
+
+def sample_checked(
+    theta: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bounds: Tensor,
+    seed: int,
+    sample_offset: int,
+    element_offset: int,
+    out: Tensor,
+) -> int | None:
+    """The compiled CPU sampler with the value check fused into its pass over ``v`` (S > 0).
+
+    Arguments as in ``sample_diag_gaussian_out`` (checked metadata, bounds valid). Returns the flags of
+    what it found (1: a non-finite ``v``, 2: a negative ``v``, 4: ``a v + b`` not positive; 0: none), or
+    None when the compiled kernel is unavailable (nothing was done). With nonzero flags ``out`` holds
+    the samples of the offending values; :func:`~l2m_fast.ops.check_values` names the first of them.
+    """
+    state = _get()
+    if state.ops is None:
+        return None
+    record_ran("cpu", state.label)
+    return int(state.ops.sample_checked(theta, v, a, b, bounds, seed, sample_offset, element_offset, out))
 
 
 @sample_diag_gaussian_out.register_kernel("cpu")

@@ -25,10 +25,18 @@ import torch
 from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
+from .checks import check_segments, check_values
 from .reference import sample_diag_gaussian_ref
 from .triton_kernel import HAS_TRITON, sample_diag_gaussian_triton
 
-__all__ = ["sample_diag_gaussian", "sample_diag_gaussian_out", "OUTPUT_DTYPES", "MAX_SAMPLES", "kernel_ran"]
+__all__ = [
+    "sample_diag_gaussian",
+    "sample_diag_gaussian_out",
+    "check_values",
+    "OUTPUT_DTYPES",
+    "MAX_SAMPLES",
+    "kernel_ran",
+]
 
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_SAMPLES = 1 << 32  # sample indices are 32-bit (counter word 2 holds s >> 2)
@@ -187,49 +195,6 @@ def _signed_seed(seed: int) -> int:
     return seed - _U64 if seed >= 1 << 63 else seed
 
 
-def check_values(v: Tensor, a: Tensor, b: Tensor, bounds: Tensor) -> None:
-    """Checks the values the sampler trusts: finite non-negative ``v``, a positive precision everywhere.
-
-    Args:
-        v: (P,) float32.
-        a: (G,) float32.
-        b: (G,) float32.
-        bounds: (G + 1,) int64.
-
-    Raises:
-        ValueError: naming the first offending element or segment.
-    """
-    n = v.numel()
-    bl = bounds.tolist()
-    if len(bl) != a.numel() + 1 or bl[0] != 0 or bl[-1] != n or any(x > y for x, y in zip(bl, bl[1:])):
-        raise ValueError(
-            f"bounds must be non-decreasing, start at 0 and end at P={n} with one more entry than a "
-            f"(G={a.numel()}); got {bl if len(bl) <= 8 else bl[:8] + ['...']}"
-        )
-    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
-        raise ValueError("a and b must be finite")
-    if bool((a < 0).any()):
-        raise ValueError(f"a must be non-negative, got {a.tolist()[:8]}")
-    bad = ~torch.isfinite(v)
-    if bool(bad.any()):
-        j = int(bad.nonzero()[0, 0])
-        raise ValueError(f"v has a non-finite value at element {j} ({float(v[j])}): second moments must be finite")
-    neg = v < 0
-    if bool(neg.any()):
-        j = int(neg.nonzero()[0, 0])
-        raise ValueError(f"v has a negative value at element {j} ({float(v[j])}): second moments must be >= 0")
-    if bool((b <= 0).any()):
-        seg = torch.searchsorted(bounds[1:].contiguous(), torch.arange(n, device=v.device), right=True)
-        prec = a[seg] * v + b[seg]
-        nonpos = ~(prec > 0)
-        if bool(nonpos.any()):
-            j = int(nonpos.nonzero()[0, 0])
-            raise ValueError(
-                f"precision a*v + b is not positive at element {j} (segment {int(seg[j])}): "
-                "give a positive prior precision b"
-            )
-
-
 def sample_diag_gaussian(
     theta: Tensor,
     v: Tensor,
@@ -265,11 +230,18 @@ def sample_diag_gaussian(
         element_offset: global flat index of ``theta[0]`` (for shards and subsets). Default 0.
         dtype: output dtype, float32, bfloat16 or float16, when ``out`` is None. Default float32.
         out: optional (S, P) contiguous buffer to write into (its dtype is used).
-        validate: check the values of ``v``, ``a``, ``b`` and ``bounds`` (one extra read of ``v``);
-            callers that checked them once, like :class:`~l2m_fast.L2MPosterior`, pass False.
+        validate: check the values of ``v``, ``a``, ``b`` and ``bounds`` (:func:`check_values`). With
+            the compiled CPU kernel the test of ``v`` rides on the sampling pass (no extra read), so on
+            a ValueError ``out`` has been written; elsewhere it is one extra read of ``v`` before
+            sampling. Callers that checked the values once, like :class:`~l2m_fast.L2MPosterior`, pass
+            False.
 
     Returns:
         out: (S, P) samples.
+
+    Raises:
+        ValueError: with ``validate``, for a non-finite or negative ``v``, a precision ``a v + b`` that
+            is not positive, or bad segments, naming the first offending element or segment.
     """
     theta = _check_float32_vector(theta, "theta")
     v = _check_float32_vector(v, "v")
@@ -311,6 +283,10 @@ def sample_diag_gaussian(
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         out = torch.empty(num_samples, n, dtype=dtype, device=device)
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            from .cpu import advise_huge_pages  # imported here: cpu imports this module
+
+            advise_huge_pages(out)
     else:
         if not isinstance(out, Tensor):
             raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
@@ -326,6 +302,15 @@ def sample_diag_gaussian(
     s = out.shape[0]
     if sample_offset + s > MAX_SAMPLES:
         raise ValueError(f"sample_offset + S = {sample_offset + s} exceeds the 2^32 sample indices of the contract")
+    if validate and device.type == "cpu" and s > 0 and n > 0 and not torch.compiler.is_compiling():
+        from .cpu import sample_checked  # imported here: cpu imports this module
+
+        check_segments(v, a_t, b_t, bounds_t)
+        found = sample_checked(theta, v, a_t, b_t, bounds_t, signed_seed, sample_offset, element_offset, out)
+        if found is not None:  # the compiled kernel sampled and tested v in the same pass
+            if found:
+                check_values(v, a_t, b_t, bounds_t)  # names the first offending element
+            return out
     if validate:
         check_values(v, a_t, b_t, bounds_t)
     sample_diag_gaussian_out(theta, v, a_t, b_t, bounds_t, signed_seed, sample_offset, element_offset, out)
