@@ -136,22 +136,6 @@ def _correction(kind: str, state: Mapping[str, object], group: Mapping[str, obje
     return 1.0 / (1.0 - decay**step), 0.0
 
 
-def _check_finite(name: str, v: Tensor) -> None:
-    if hasattr(v, "to_local"):  # a DTensor: check this rank's shard, without a collective
-        v = v.to_local()
-    bad = ~torch.isfinite(v)
-    if bool(bad.any()):
-        raise ValueError(
-            f"parameter {name!r}: its second moment has {int(bad.sum())} non-finite value(s) "
-            "(did training diverge?); fix the state or exclude the parameter with params=..."
-        )
-    if bool((v < 0).any()):
-        raise ValueError(
-            f"parameter {name!r}: its second moment has negative values, which no supported optimizer "
-            "writes; the state is corrupt or not a second moment"
-        )
-
-
 def _selected(name: str, param: nn.Parameter, params: ParamFilter) -> bool:
     if params is None:
         return True
@@ -198,7 +182,6 @@ def _moment(
             f"parameter {name!r}: optimizer state {key!r} has shape {got} but the parameter has "
             f"{tuple(param_shape)}; the state_dict does not belong to this model (or pass param_names=...)"
         )
-    _check_finite(name, v)
     scale, shift = _correction(kind, state, group)
     hyper = {k: val for k, val in group.items() if k not in ("params", "param_names")}
     return ParamMoment(name, v, scale, shift, gi, hyper)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .construction import FromSources
 from .layout import FlatLayout
 from .modes import PerGroup, restrict_segments, segments
+from .ops.checks import check_segments
 from .ops.sample import MAX_SAMPLES, OUTPUT_DTYPES, check_values, sample_diag_gaussian
 from .posterior_state import STATE_VERSION, PosteriorState, check_state
 from .sharding import local_box
@@ -151,8 +152,25 @@ class L2MPosterior(FromSources):
         self.evidence = None
         self.calibration = None
         self._reset_caches()
-        for first, last, _, v, _ in self._store.pieces(0, self.layout.numel):  # one pass per piece
-            check_values(v, *self._segments(first, last))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """What the sampler trusts: the segments, and v finite, non-negative, with a positive precision.
+
+        A snapshot's v was validated as it was copied, so only a non-positive ``b`` needs another pass;
+        live tensors are scanned here, one compiled pass each.
+        """
+        n = self.layout.numel
+        names = {slot.offset: slot.name for slot in self.layout}
+        if not self.live and bool((self.seg_b > 0).all()):
+            check_segments(self.v, self.seg_a, self.seg_b, self.seg_bounds)
+            return
+        for first, last, _, v, _ in self._store.pieces(0, n):
+            try:
+                check_values(v, *self._segments(first, last))
+            except ValueError as err:
+                where = f"parameter {names[first]!r}: " if self.live and first in names else ""
+                raise ValueError(f"{where}{err}") from None
 
     # ---------------------------------------------------------------- properties
 

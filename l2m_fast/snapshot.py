@@ -2,7 +2,9 @@
 
 * **Snapshot** (default, :class:`FlatStore`): :func:`take_snapshot` copies each parameter and its second
   moment into two new flat vectors in the layout's order, so training on afterwards does not change the
-  posterior. Extra memory: two copies of the covered parameters.
+  posterior. One pass per tensor (``l2m_fast.ops.copy_checked_``): the moment is validated (finite,
+  non-negative) as it is copied, no temporaries, and the fresh vectors are backed by huge pages where
+  Linux allows, so a build costs about two copies. Extra memory: two copies of the covered parameters.
 * **Live** (``snapshot=False``, :class:`LiveStore`): the posterior keeps references to the tensors the
   parameters and the optimizer state held at construction and samples straight from them, one sampler
   call per tensor. No copy at all, so the memory-bound can afford a posterior; but training on (an
@@ -24,6 +26,8 @@ import torch
 from torch import Tensor
 
 from .layout import FlatLayout
+from .ops import BadValueError, copy_checked_
+from .ops.cpu import advise_huge_pages
 from .sharding import Run, is_dtensor, localize
 
 __all__ = ["Piece", "FlatStore", "LiveStore", "Store", "Snapshot", "take_snapshot"]
@@ -189,9 +193,30 @@ def take_snapshot(
     if not snapshot:
         store: Store = _live(entries, layout)
         return Snapshot(layout, store, runs, global_numel, sharded, dtypes, entries[0][1].device if entries else dev)
-    with torch.no_grad():
-        theta = layout.flatten({n: p for n, p, _ in entries}).to(dev)
-        v = layout.flatten({n: v for n, _, v in entries}).to(dev)
-        if layout.numel and theta.data_ptr() == entries[0][1].data_ptr():
-            theta = theta.clone()
+    theta, v = _flat_copies(entries, layout, dev)
     return Snapshot(layout, FlatStore(theta, v, runs), runs, global_numel, sharded, dtypes, dev)
+
+
+def _flat_copies(
+    entries: Sequence[tuple[str, Tensor, Tensor]], layout: FlatLayout, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """theta and v copied into two fresh flat vectors, one checked pass per tensor (the moments validated)."""
+    theta = torch.empty(layout.numel, dtype=torch.float32, device=device)
+    v = torch.empty(layout.numel, dtype=torch.float32, device=device)
+    advise_huge_pages(theta)  # once for the whole vector: the per-tensor slices may be too small to advise
+    advise_huge_pages(v)
+    with torch.no_grad():
+        for (name, p, m), slot in zip(entries, layout):
+            p, m = p.detach(), m.detach()
+            if p.device != device:
+                p, m = p.to(device), m.to(device)
+            copy_checked_(theta[slot.offset : slot.stop], p, check_moment=False)
+            try:
+                copy_checked_(v[slot.offset : slot.stop], m, check_moment=True)
+            except BadValueError as err:
+                raise ValueError(
+                    f"parameter {name!r}: its second moment has a {err.reason} value ({err.value}) at element "
+                    f"{err.index} (did training diverge?); fix the optimizer state, or leave the parameter out "
+                    "with params=..."
+                ) from None
+    return theta, v
