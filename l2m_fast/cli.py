@@ -221,10 +221,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="posterior samples per method (default 100; text: 32)")
     e.add_argument("--seeds", type=_positive_int, default=None, help="seeds (rows are mean ± sd over them; default 3)")
     e.add_argument("--ensemble-size", type=_positive_int, default=None, help=argparse.SUPPRESS)
-    e.add_argument("--threads", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    e.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads (default 2; text: 1, its per-sample forwards are small)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     t = e.add_argument_group("text", "options of 'eval text' (MiniLM fine-tuned on BBC News; needs the text extra)")
-    t.add_argument("--quick", action="store_true", help="60 articles per topic, one seed, S = 16")
+    t.add_argument("--quick", action="store_true", help="60 articles per topic, one seed, S = 16, 8 epochs")
     t.add_argument("--curvature", action="store_true",
                    help="also L2M from a tracked and a partial-pass Fisher, and laplace-torch's diagonal GGN")
     t.add_argument("--whole-model", action="store_true", help="also fine-tune all 22.7M parameters (case (b))")

