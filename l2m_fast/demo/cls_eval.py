@@ -13,6 +13,7 @@ a zero-temperature posterior (its logit temperature fitted, nothing else).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "members_predictor",
     "mc_dropout_predictor",
     "l2m_predictor",
+    "laplace_glm_predictor",
     "mixture_mutual_info",
 ]
 
@@ -172,7 +174,12 @@ def l2m_predictor(
     link: str = "mc",
     **predict_kwargs: Any,
 ) -> Predictor:
-    """``post.predict`` as a predictor (classification; the posterior's logit temperature applies)."""
+    """``post.predict`` as a predictor (classification; the posterior's logit temperature applies).
+
+    A posterior of temperature 0 (a calibration that switched the noise off) predicts the MAP's
+    probabilities and has no mutual information: ``mutual_info`` is None, so its AUROC by MI is NaN rather
+    than the ranking of rounding errors.
+    """
 
     def predict(x: Any) -> Predicted:
         pred = post.predict(
@@ -186,6 +193,46 @@ def l2m_predictor(
             progress=False,
             **predict_kwargs,
         )
-        return Predicted(pred.probs.double(), pred.mutual_info.double())
+        return Predicted(pred.probs.double(), None if post.temperature == 0 else pred.mutual_info.double())
+
+    return predict
+
+
+def laplace_glm_predictor(
+    la: Any, samples: int, seed: int, *, transform: Callable[[Any], Any] | None = None, chunk: int | None = None
+) -> Predictor:
+    """A fitted laplace-torch Laplace's GLM predictive: probit link, mutual information from ``samples`` draws.
+
+    The GLM's latent mean and covariance are computed once per input chunk (laplace-torch forms Jacobians on
+    every predictive call): the probit predictive from them, and the mutual information from samples of
+    the same Gaussian over the logits.
+
+    Args:
+        la: a fitted ``laplace`` Laplace (diagonal, Kronecker, ...).
+        samples: draws of the logits' Gaussian for the mutual information.
+        seed: seed of those draws.
+        transform: maps the inputs to what ``la.model`` takes (e.g. features of a last layer). Default none.
+        chunk: inputs per Jacobian call (bounds its (chunk, C, P) memory). Default: all at once.
+    """
+
+    @torch.no_grad()
+    def predict(x: Any) -> Predicted:
+        xs = transform(x) if transform is not None else x
+        n = xs.shape[0]
+        step = chunk or n
+        mus, variances = [], []
+        for i in range(0, n, step):
+            f_mu, f_var = la._glm_predictive_distribution(xs[i : i + step])
+            mus.append(f_mu.double())
+            variances.append(f_var.double())
+        f_mu, f_var = torch.cat(mus), torch.cat(variances)
+        kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * torch.diagonal(f_var, dim1=-2, dim2=-1))
+        probs = torch.softmax(kappa * f_mu, -1)
+        eye = torch.eye(f_var.shape[-1], dtype=f_var.dtype)
+        chol = torch.linalg.cholesky(f_var + 1e-9 * eye)
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(samples, *f_mu.shape, generator=g, dtype=f_mu.dtype)
+        logits = f_mu + torch.einsum("bij,sbj->sbi", chol, z)
+        return Predicted(probs, mixture_mutual_info(logits))
 
     return predict
