@@ -246,7 +246,10 @@ def test_memory_budget_sets_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan.bytes_per_sample >= post.num_params * 4 + 200 * 161 * 4
     loop = plan_predict(post, model, x, 500, method="loop", max_memory=1 << 20)
     assert loop.bytes_per_sample == post.num_params * 4  # a loop holds only the chunk's sample rows
-    assert loop.chunk_size == (1 << 20) // (post.num_params * 4)
+    # the inputs count once per chunk, shared by its samples
+    assert loop.chunk_size == ((1 << 20) - 200 * 4) // (post.num_params * 4)
+    # should the timing trial switch a vmap plan to a loop, its chunk is the loop's
+    assert plan.loop_chunk_size == loop.chunk_size > plan.chunk_size
     assert plan_predict(post, model, x, 500, max_memory=1).chunk_size == 1
 
 

@@ -411,7 +411,12 @@ def _predict_chunked(
                     trial = False
                     run_method = "loop" if dt < t_vmap else "vmap"
                     reason = f"measured: vmap {t_vmap * 1e3:.3g} ms/sample, loop {dt * 1e3:.3g} ms/sample"
-                    remember_plan(model, key, replace(plan, method=run_method, reason=reason, measured=True))
+                    if run_method == "loop" and chunk_size is None and plan.loop_chunk_size > chunk:  # loop's chunk
+                        chunk = plan.loop_chunk_size
+                        buf = torch.empty(chunk, posterior.num_params, dtype=buf.dtype, device=buf.device)
+                    remember_plan(
+                        model, key, replace(plan, method=run_method, reason=reason, measured=True, chunk_size=chunk)
+                    )
                 bar.set_description(f"predictive ({run_method})", refresh=False)
                 reducer.update(out)
                 del out, rows

@@ -25,14 +25,16 @@ repeated calls skip the probe forward. The linearized predictive follows the sam
 inputs (all of them when the inputs cannot be split), measures the bytes every op returns (an upper
 bound on the activations alive at once) and scales them to the whole batch. A *sample* of the chunk
 costs its sample row (P elements) plus, for vmap, those activations (twice for a linearized jvp:
-primal and tangent), the inputs and four times the output (float64 reductions); a loop holds one
-forward's activations at a time. Inputs are split along their first dimension into *input chunks*
-when one sample over the whole batch would not fit in ``max_memory`` (so activations sized for the
-whole batch are never allocated, let alone page-faulted, per sample); inputs can be split when every
-tensor argument has the same first dimension. Then as many samples go into a chunk as keep its
-working set under ``max_memory`` and the data one chunk streams through under :data:`CACHE_BYTES`
-(chunks that stay in cache run faster). ``chunk_size`` and ``input_chunk`` fix either by hand. Kept
-outputs (``keep_samples=True``) are not counted. A loop without a probe (batch norm in training mode,
+primal and tangent) and four times the output (float64 reductions), while the inputs count once per
+chunk (vmap shares them between the samples); a loop holds one forward's activations at a time, and
+its chunk is sized by the sample rows alone (also when the timing trial switches a plan to the loop).
+Inputs are split along their first dimension into *input chunks* when one sample over the whole batch
+would not fit in ``max_memory`` (so activations sized for the whole batch are never allocated, let
+alone page-faulted, per sample); inputs can be split when every tensor argument has the same first
+dimension. Then as many samples go into a chunk as keep its working set under ``max_memory`` and the
+data one chunk streams through under :data:`CACHE_BYTES` (chunks that stay in cache run faster).
+``chunk_size`` and ``input_chunk`` fix either by hand. Kept outputs (``keep_samples=True``) are not
+counted. A loop without a probe (batch norm in training mode,
 whose statistics a probe would update) keeps the inputs whole unless ``input_chunk`` is given.
 """
 
@@ -95,6 +97,8 @@ class PredictPlan:
         bytes_per_sample: estimated working set of one sample in a chunk (over one input chunk).
         input_chunk: inputs evaluated at once (the batch size when the inputs are not split).
         measured: whether the method was chosen by timing both.
+        loop_chunk_size: samples per chunk should a loop evaluate them (sized by the sample rows alone);
+            0 when not probed.
     """
 
     method: str
@@ -104,6 +108,7 @@ class PredictPlan:
     bytes_per_sample: int
     input_chunk: int = 0
     measured: bool = False
+    loop_chunk_size: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- probing
@@ -297,23 +302,27 @@ def _probe_plan(
     scale = 1.0 if batch is None else batch / probe_n
     whole = batch or 1
     activations = counter.total * scale * (2 if linearized else 1)  # jvp: primal and tangent
-    per_input = (activations + _nbytes(args) + 4 * _nbytes(out) * scale) / whole
+    per_input = (activations + 4 * _nbytes(out) * scale) / whole  # per sample and input
+    input_bytes = _nbytes(args) / whole  # per input, shared by the samples of a chunk
     nflops = int(flops.get_total_flops() * scale)
     chosen = method if method != "auto" else "vmap"
     reason = "chosen by the caller" if method != "auto" else "not measured yet: timed against a loop first"
     budget = float(max_memory)
     if input_chunk is not None or batch is None:
         inputs_at_once = min(input_chunk or whole, whole)
-    elif row_bytes + per_input * whole <= budget:
+    elif row_bytes + (per_input + input_bytes) * whole <= budget:
         inputs_at_once = whole
     else:  # one sample over every input does not fit: split the inputs
-        inputs_at_once = int(max(1, min(whole, (budget - row_bytes) // max(per_input, 1.0))))
-    act_chunk = activations / whole * inputs_at_once
+        fit = (budget - row_bytes) // max(per_input + input_bytes, 1.0)
+        inputs_at_once = int(max(1, min(whole, fit)))
+    shared = input_bytes * inputs_at_once
+    loop_chunk = int(max(1, min(s, (budget - shared) // max(row_bytes, 1), CACHE_BYTES // max(row_bytes, 1))))
     if chosen == "vmap":
         per_sample = row_bytes + per_input * inputs_at_once
-        hot = act_chunk
+        hot = activations / whole * inputs_at_once
+        fits = int(max(1, min(s, (budget - shared) // max(per_sample, 1), CACHE_BYTES // max(hot, 1))))
     else:  # a loop holds one sample's activations at a time
-        per_sample, hot = row_bytes, row_bytes
-    if chunk_size is None:
-        chunk_size = int(max(1, min(s, budget // max(per_sample, 1), CACHE_BYTES // max(hot, 1))))
-    return PredictPlan(chosen, min(chunk_size, s), reason, nflops, int(per_sample), inputs_at_once)
+        per_sample, fits = row_bytes, loop_chunk
+    return PredictPlan(
+        chosen, min(chunk_size or fits, s), reason, nflops, int(per_sample), inputs_at_once, loop_chunk_size=loop_chunk
+    )
