@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .ops.sample import OUTPUT_DTYPES
+from .ops.sample import OUTPUT_DTYPES, as_int
 from .sharding import local_box, reshard_fsdp
 
 if TYPE_CHECKING:
@@ -505,6 +505,7 @@ class SampleIterator:
         seed: int,
         sample_offset: int = 0,
     ) -> None:
+        num_samples = as_int(num_samples, "num_samples")
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self.model = model

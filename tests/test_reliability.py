@@ -159,6 +159,27 @@ def test_bad_arguments_name_the_argument(call, exc, match) -> None:  # noqa: ANN
         call(post, model)
 
 
+def test_integer_scalars_are_accepted_wherever_an_int_is() -> None:
+    """NumPy integers (and 0-d integer tensors) count as ints for seeds, offsets, indices and counts."""
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    post = posterior_with_random_v(model)
+    ref = post.sample(3, seed=3).flat
+    assert torch.equal(post.sample(np.int64(2), seed=np.uint64(3), sample_offset=np.int32(1)).flat, ref[1:])
+    assert torch.equal(post.sample(1, seed=torch.tensor(3)).flat, ref[:1])
+    with post.sampled(model, np.int64(2), np.int64(3)):
+        sampled = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(sampled, ref[2], rtol=0, atol=0)
+    assert list(post.iter_sampled(model, np.int32(2), seed=np.int32(3))) == [0, 1]
+    x = torch.randn(4, 3)
+    a = post.predict(model, x, np.int64(4), seed=np.int64(1), progress=False)
+    b = post.predict(model, x, 4, seed=1, progress=False)
+    torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            post.sample(1, seed=bad)
+
+
 def test_dict_outputs_say_to_use_output_fn() -> None:
     class DictNet(nn.Module):
         def __init__(self) -> None:

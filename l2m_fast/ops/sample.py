@@ -19,6 +19,7 @@ none is given and calls the operator.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -187,9 +188,18 @@ def _check_float32_vector(t: Tensor, name: str) -> Tensor:
     return t.reshape(-1).contiguous()
 
 
+def as_int(value: object, name: str) -> int:
+    """``value`` as a Python int: ints and integer scalars (NumPy's, 0-d integer tensors); never a bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
 def _signed_seed(seed: int) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = as_int(seed, "seed")
     if not 0 <= seed < _U64:
         raise ValueError(f"seed must lie in [0, 2^64), got {seed}")
     return seed - _U64 if seed >= 1 << 63 else seed
@@ -269,9 +279,10 @@ def sample_diag_gaussian(
     if bounds_t.numel() != g + 1:
         raise ValueError(f"bounds must have G + 1 = {g + 1} entries for G={g} segments, got {bounds_t.numel()}")
     signed_seed = _signed_seed(seed)
-    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+    sample_offset, element_offset = as_int(sample_offset, "sample_offset"), as_int(element_offset, "element_offset")
+    if sample_offset < 0:
         raise ValueError(f"sample_offset must be a non-negative int, got {sample_offset!r}")
-    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
+    if element_offset < 0:
         raise ValueError(f"element_offset must be a non-negative int, got {element_offset!r}")
     if element_offset + n > _MAX_INDEX:
         raise ValueError(f"element_offset + P = {element_offset + n} overflows the 63-bit element index")

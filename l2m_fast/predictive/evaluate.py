@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inplace import ParamBinding, held_parameters
+from ..ops.sample import as_int
 from .plan import (
     DEFAULT_MAX_MEMORY,
     Method,
@@ -291,8 +292,13 @@ def predict(
     """
     if task not in ("regression", "classification"):
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    given = num_samples
+    try:
+        num_samples = as_int(num_samples, "num_samples")
+    except TypeError:
+        num_samples = 0
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {given!r}")
     if link not in LINKS:
         raise ValueError(f"link must be one of {LINKS}, got {link!r}")
     if link != "mc" and task != "classification":
