@@ -21,7 +21,6 @@ standard deviation over ``seeds``.
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from .cls_eval import (
     members_predictor,
     score,
 )
-from .common import Timer
+from .common import TimedTracker, Timer
 from .tables import aggregate_seeds
 
 __all__ = [
@@ -194,19 +193,6 @@ def softmax_mean(logits: Tensor) -> Tensor:
     return torch.softmax(logits.double(), -1).mean(0)
 
 
-class _TimedTracker(FisherTracker):
-    """A tracker that also counts the seconds its updates take (the overhead on training)."""
-
-    seconds = 0.0
-
-    def update(self, outputs: Tensor) -> bool:
-        t0 = time.perf_counter()
-        try:
-            return super().update(outputs)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-
 def _seed_rows(cfg: ClsConfig, seed: int, mk: Callable[[str, int], object], notes: list[str]) -> list[dict]:
     """Every method of one seed (the rows of its table)."""
     d = digits_splits(seed, cfg.val_fraction)
@@ -234,7 +220,7 @@ def _seed_rows(cfg: ClsConfig, seed: int, mk: Callable[[str, int], object], note
         torch.manual_seed(seed * 1000 + 10 + k)
         m = digits_mlp(cfg)
         if k == 0:  # the MAP network: the sampled-label Fisher tracked over its last epoch
-            trackers.append(_TimedTracker(m, start=steps_per_epoch * (cfg.epochs - 1), seed=seed))
+            trackers.append(TimedTracker(m, start=steps_per_epoch * (cfg.epochs - 1), seed=seed))
         with Timer() as t:
             opts.append(train_classifier(m, x, y, cfg, seed * 1000 + 100 + k, b, trackers[0] if k == 0 else None))
         members.append(m)

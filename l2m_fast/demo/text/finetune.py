@@ -10,7 +10,6 @@ table's training time is that of plain fine-tuning.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ...fisher import FisherTracker
+from ..common import TimedTracker
 
 __all__ = ["FinetuneConfig", "TimedTracker", "finetune", "steps_per_epoch"]
 
@@ -42,19 +42,6 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1
     max_grad_norm: float | None = 1.0
-
-
-class TimedTracker(FisherTracker):
-    """A Fisher tracker that counts the seconds its updates take (its overhead on training)."""
-
-    seconds = 0.0
-
-    def update(self, outputs: Tensor) -> bool:
-        t0 = time.perf_counter()
-        try:
-            return super().update(outputs)
-        finally:
-            self.seconds += time.perf_counter() - t0
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
