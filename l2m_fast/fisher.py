@@ -273,6 +273,7 @@ class FisherEstimate:
             ``tol`` (None if it never did within the batches used).
         changes: relative change after each batch (``|F_k - F_{k-1}|_1 / |F_k|_1``).
         seconds: wall time.
+        tol: the relative change that counts as settled.
     """
 
     fisher: dict[str, Tensor]
@@ -281,6 +282,14 @@ class FisherEstimate:
     settled_after: int | None
     changes: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    tol: float = 0.05
+
+    def settling(self) -> str:
+        """Whether and when the estimate settled, in words (for reports)."""
+        if self.settled_after is not None:
+            return f"relative change under {self.tol:.0%} from batch {self.settled_after} of {self.batches}"
+        last = f"; last change {self.changes[-1]:.1%}" if self.changes else ""
+        return f"not settled (relative change under {self.tol:.0%}) within {self.batches} batches{last}"
 
     def __getitem__(self, name: str) -> Tensor:
         return self.fisher[name]
@@ -342,7 +351,7 @@ def fisher_diag(
     if tracker.tracked == 0:
         raise ValueError("no batch was given: fisher_diag needs at least one batch")
     return FisherEstimate(
-        tracker.fisher(), tracker.tracked, tracker.examples, settled, changes, time.perf_counter() - t0
+        tracker.fisher(), tracker.tracked, tracker.examples, settled, changes, time.perf_counter() - t0, tol
     )
 
 

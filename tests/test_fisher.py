@@ -193,6 +193,10 @@ def test_fisher_diag_equals_the_tracker_on_the_same_batches_and_reports_settling
     assert est.batches == 50 and est.examples == 800 and len(est.changes) == 49
     assert est.settled_after is not None and 2 <= est.settled_after <= 50
     assert all(c < 0.05 for c in est.changes[est.settled_after - 1 :])
+    assert est.settling() == f"relative change under 5% from batch {est.settled_after} of 50"
+    short = fisher_diag(model, batches, seed=11, max_batches=3)  # three batches of 16 cannot settle
+    assert short.settled_after is None
+    assert short.settling().startswith("not settled (relative change under 5%) within 3 batches")
     with pytest.raises(ValueError, match="no batch"):
         fisher_diag(model, [])
 

@@ -291,8 +291,8 @@ def _seed_rows(cfg: ClsConfig, seed: int, mk: Callable[[str, int], object], note
         dpost = L2MPosterior.from_fisher(model, est, num_data=n, prior_precision="evidence")
         dcal = dpost.calibrated(model, data.x_val, data.y_val, num_samples=Sc, seed=seed)
     notes.append(
-        f"seed {seed}, partial-pass Fisher ({est.batches} batches, {est.examples} images; relative change under 5% "
-        f"from batch {est.settled_after}): {dpost.evidence}"
+        f"seed {seed}, partial-pass Fisher ({est.batches} batches, {est.examples} images; {est.settling()}): "
+        f"{dpost.evidence}"
     )
     add(
         f"L2M partial-pass Fisher ({est.batches} batches), linearized + calibrated",

@@ -266,7 +266,7 @@ def fisher_rows(case: CaseA, notes: list[str], fisher_batches: int) -> list[dict
         r.update(posthoc_passes=est.examples / n, fisher_batches=est.batches,
                  settled_after=float("nan") if est.settled_after is None else float(est.settled_after))
     notes.append(f"seed {seed}, partial-pass Fisher: {est.batches} batches, {est.examples} articles, "
-                 f"{est.seconds:.2f} s; relative change under 5% from batch {est.settled_after} (changes: "
+                 f"{est.seconds:.2f} s; {est.settling()} (changes: "
                  f"{', '.join(f'{c:.3f}' for c in est.changes)})")
     rows += pair
     rows += _laplace_ggn_row(case, notes)
