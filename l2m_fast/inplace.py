@@ -302,11 +302,13 @@ class ParamBinding:
 
 # ------------------------------------------------------------------------------------- work buffers
 
-_WORK: weakref.WeakKeyDictionary[L2MPosterior, dict[tuple, list[list[Tensor]]]] = weakref.WeakKeyDictionary()
+_Work = tuple[list[Tensor], dict[str, Tensor]]  # work buffers, and each covered parameter's view of them
+_WORK: weakref.WeakKeyDictionary[L2MPosterior, dict[tuple, list[_Work]]] = weakref.WeakKeyDictionary()
 
 
-def _take_buffers(posterior: L2MPosterior, key: tuple, make: Callable[[], list[Tensor]]) -> list[Tensor]:
-    """A free set of work buffers of this posterior for this layout key (allocated on first use only)."""
+def _take_buffers(posterior: L2MPosterior, key: tuple, make: Callable[[], _Work]) -> _Work:
+    """A free set of work buffers of this posterior for this layout key (allocated on first use only), with
+    the parameters' views of them (made once too: 146 slices cost about as much as sampling 1e5 values)."""
     with _LOCK:
         pool = _WORK.setdefault(posterior, {}).setdefault(key, [])
         if pool:
@@ -314,7 +316,7 @@ def _take_buffers(posterior: L2MPosterior, key: tuple, make: Callable[[], list[T
     return make()
 
 
-def _give_back(posterior: L2MPosterior, key: tuple, buffers: list[Tensor]) -> None:
+def _give_back(posterior: L2MPosterior, key: tuple, buffers: _Work) -> None:
     with _LOCK:
         pool = _WORK.setdefault(posterior, {}).setdefault(key, [])
         if not pool:  # keep one set: nested contexts of one posterior are rare, their extra buffers are freed
@@ -353,6 +355,7 @@ class SampleWriter:
                 reshard_fsdp(model)  # after a forward under no_grad an FSDP2 root holds unsharded plain tensors
             self.params = posterior.parameters_of(model)
         self._buffers: list[Tensor] | None = None
+        self._work: _Work | None = None
         if self.sharded:
             self._runs = [(0, posterior.num_params, torch.float32)]
             self._frame = _Frame(self.params, self._backup, self._copy_back, lambda: reshard_fsdp(model), model)
@@ -381,21 +384,24 @@ class SampleWriter:
         with torch.no_grad():
             self._local(p).copy_(saved)
 
-    def _make_buffers(self) -> list[Tensor]:
+    def _make_buffers(self) -> _Work:
         dev = self.posterior.device
-        return [torch.zeros(stop - start, dtype=dt, device=dev) for start, stop, dt in self._runs]
+        buffers = [torch.zeros(stop - start, dtype=dt, device=dev) for start, stop, dt in self._runs]
+        views: dict[str, Tensor] = {}
+        if not self.sharded:
+            for (start, stop, _), buf in zip(self._runs, buffers):
+                for slot in self.posterior.layout:
+                    if start <= slot.offset and slot.stop <= stop:
+                        views[slot.name] = buf[slot.offset - start : slot.stop - start].view(slot.shape)
+        return buffers, views
 
     def _enter(self) -> None:
-        self._buffers = _take_buffers(self.posterior, self._key, self._make_buffers)
+        self._work = _take_buffers(self.posterior, self._key, self._make_buffers)
+        self._buffers, views = self._work
         if self.sharded:
             reshard_fsdp(self.model)  # the writes must land in the shards that the next forward all-gathers
             _push(self._frame)
             return
-        views: dict[str, Tensor] = {}
-        for (start, stop, _), buf in zip(self._runs, self._buffers):
-            for slot in self.posterior.layout:
-                if start <= slot.offset and slot.stop <= stop:
-                    views[slot.name] = buf[slot.offset - start : slot.stop - start].view(slot.shape)
         try:
             _push(self._frame)
         except BaseException:
@@ -433,9 +439,9 @@ class SampleWriter:
                     self._local(p, n).copy_(views[n])
 
     def _release_buffers(self) -> None:
-        if self._buffers is not None:
-            _give_back(self.posterior, self._key, self._buffers)
-            self._buffers = None
+        if self._work is not None:
+            _give_back(self.posterior, self._key, self._work)
+            self._work = self._buffers = None
 
     def restore(self) -> None:
         """Ends the context: the parameters get back what they held when it was entered (module doc)."""

@@ -63,10 +63,13 @@ def test_one_work_buffer_bound_zero_copy_and_reused_by_the_next_context() -> Non
             assert lo <= p.data_ptr() < hi
         writer.write(3, seed=1)
         assert torch.equal(buf, post.sample(4, seed=1).flat[3])
+        views = writer._work[1]
     assert writer._buffers is None and not writer.active
     with SampleWriter(post, model) as again:  # the next context takes the same buffer: nothing allocated
         again.write(1, seed=1)
         assert again._buffers[0].data_ptr() == buf.data_ptr()
+        # ... and binds the parameters to the same views of it, made once (not sliced again per context)
+        assert again._work[1] is views
 
 
 def test_subset_leaves_other_parameters_alone() -> None:
