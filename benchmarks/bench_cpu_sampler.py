@@ -60,7 +60,7 @@ def build_baseline(rev: str, build_dir: str) -> object:
     """
     from torch.utils.cpp_extension import load
 
-    from l2m_fast._build_config import CFLAGS
+    from l2m_fast.ops.cpu import CFLAGS
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, check=True).stdout

@@ -321,7 +321,7 @@ def compile_flat(cfg, dtype: torch.dtype, math: str, num_samples: int, n: int): 
     blocks = -(-n // cfg.block)
     _, per, _ = tk.launch_grid(blocks, num_samples, 0, torch.device("cuda"))
     small = torch.empty(16)
-    return tk._flat_kernel.warmup(
+    return tk.flat_kernel.warmup(
         small, small, small[:1], small[:1], torch.zeros(2, dtype=torch.int64), out,
         plan.n_vec, plan.n_rest, plan.stride_vec, num_samples, 1, -5, 0, 3, per, blocks,
         VEC=plan.vec, TAIL=plan.n_rest > 0, ONE_ROW=num_samples == 1, WIDE=False, BLOCK=cfg.block,
@@ -340,7 +340,7 @@ def compile_segments(cfg, dtype: torch.dtype, math: str, num_samples: int):  # n
     entries = 85_000
     _, per, _ = tk.launch_grid(entries, num_samples, 0, torch.device("cuda"))
     small = torch.empty(16)
-    return ts._sample_into_segments_kernel.warmup(
+    return ts.segments_kernel.warmup(
         torch.zeros(16, dtype=torch.int64), small, small, entries, num_samples, -5, 0, per,
         OUT_DTYPE=tl_dtype, ALIGN=1, VEC=16 // out_size(dtype), ONE_ROW=num_samples == 1, BLOCK=cfg.block,
         MATH=tk.MATH_MODES[math], num_warps=cfg.num_warps, grid=(1,),

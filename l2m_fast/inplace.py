@@ -308,7 +308,7 @@ _WORK: weakref.WeakKeyDictionary[L2MPosterior, dict[tuple, list[_Work]]] = weakr
 
 def _take_buffers(posterior: L2MPosterior, key: tuple, make: Callable[[], _Work]) -> _Work:
     """A free set of work buffers of this posterior for this layout key (allocated on first use only), with
-    the parameters' views of them (made once too: 146 slices cost about as much as sampling 1e5 values)."""
+    the parameters' views of them (made once with the buffers, not sliced again per context)."""
     with _LOCK:
         pool = _WORK.setdefault(posterior, {}).setdefault(key, [])
         if pool:

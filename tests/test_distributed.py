@@ -259,7 +259,48 @@ def _scenario_dcp(mesh, tmpdir: str) -> None:  # noqa: ANN001
     assert torch.equal(loaded.sample(3, SEED).flat, post.sample(3, SEED).flat)
 
 
-SCENARIOS = ("fsdp_samples", "fsdp_sampled", "dtensor_replicate", "dcp")
+def _scenario_fisher(mesh, tmpdir: str) -> None:  # noqa: ANN001
+    """The sampled-label Fisher tracked on DTensor parameters: each rank accumulates its local shards (no
+    gather), equal to the same slices of the unsharded model's; the posterior from it samples like the
+    unsharded one; FSDP2 modules are refused with the way out."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(4)
+            self.w = nn.Parameter(torch.randn(5, 3) * 0.5)  # 5 classes: rows 3 | 2 over the two ranks
+            self.b = nn.Parameter(torch.randn(5) * 0.1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            w, b = self.w, self.b
+            if is_dtensor(w):  # the whole logits on every rank; gradients flow back to the shards
+                w, b = w.full_tensor(), b.full_tensor()
+            return x @ w.T + b
+
+    plain, model = Head(), Head()
+    for n in ("w", "b"):
+        setattr(model, n, nn.Parameter(distribute_tensor(getattr(model, n).detach(), mesh, [Shard(0)])))
+    tracker, ref = l2m_fast.FisherTracker(model, seed=5), l2m_fast.FisherTracker(plain, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        x = torch.randn(16, 3, generator=gen)
+        assert tracker.update(model(x)) and ref.update(plain(x))
+    for n, f in tracker.fisher().items():
+        want = ref.fisher()[n][_box(getattr(model, n))]
+        assert f.shape == want.shape and not is_dtensor(f), n
+        torch.testing.assert_close(f, want, rtol=1e-5, atol=1e-8)
+    post = l2m_fast.L2MPosterior.from_fisher(model, tracker, num_data=64, prior_precision=2.0)
+    ref_post = l2m_fast.L2MPosterior.from_fisher(plain, ref, num_data=64, prior_precision=2.0)
+    assert post.is_sharded
+    where = torch.cat([torch.arange(go, go + k) for _, go, k in post.runs])  # this rank's global indices
+    torch.testing.assert_close(post.variance(), ref_post.variance()[where], rtol=1e-5, atol=0)
+    fsdp_model, _, _ = _fsdp_trained(mesh)
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        l2m_fast.FisherTracker(fsdp_model)
+
+
+SCENARIOS = ("fsdp_samples", "fsdp_sampled", "dtensor_replicate", "dcp", "fisher")
 
 
 def _worker(rank: int, port: int, tmpdir: str) -> None:

@@ -27,7 +27,7 @@ from .._env import env_flag
 from .reference import sample_diag_gaussian_ref
 from .sample import record_ran, sample_diag_gaussian_out
 
-__all__ = ["backend", "backend_detail", "load_ops", "advise_huge_pages", "sample_checked"]
+__all__ = ["CFLAGS", "backend", "backend_detail", "load_ops", "advise_huge_pages", "sample_checked"]
 
 _ENV_FORCE_REFERENCE = "L2M_FAST_FORCE_REFERENCE"
 _JIT_NAME = "l2m_fast_cpu_jit"

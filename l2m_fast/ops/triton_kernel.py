@@ -95,7 +95,7 @@ def interpret_mode() -> bool:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_flat_kernel, InterpretedFunction)
+    return isinstance(flat_kernel, InterpretedFunction)
 
 
 def math_constexpr(math_mode: str | None) -> int:
@@ -269,7 +269,7 @@ if HAS_TRITON:
         return lo
 
     @triton.jit(do_not_specialize=["seed", "sample_offset", "element_offset"])
-    def _flat_kernel(
+    def flat_kernel(
         theta_ptr,
         v_ptr,
         a_ptr,
@@ -356,7 +356,7 @@ if HAS_TRITON:
         SEG_STEPS: tl.constexpr,
         MATH: tl.constexpr,
     ):
-        """Element block ``blk`` of :func:`_flat_kernel`: loads, ``sigma``, counters, then its rows."""
+        """Element block ``blk`` of :func:`flat_kernel`: loads, ``sigma``, counters, then its rows."""
         if WIDE:
             start = tl.cast(blk, tl.int64) * BLOCK
             offs = tl.arange(0, BLOCK).to(tl.int64)
@@ -399,11 +399,11 @@ if HAS_TRITON:
 def _launch_flat(
     args: tuple, plan: RowPlan, cfg: LaunchConfig, n: int, num_samples: int, sample_offset: int, consts: dict
 ) -> None:
-    """One launch of :func:`_flat_kernel` with ``cfg`` (``args``: the tensors and scalars before the plan)."""
+    """One launch of :func:`flat_kernel` with ``cfg`` (``args``: the tensors and scalars before the plan)."""
     theta, v, a, b, bounds, out, seed, element_offset = args
     blocks = triton.cdiv(n, cfg.block)
     programs, per, chunks = launch_grid(blocks, num_samples, sample_offset, out.device)
-    torch.library.wrap_triton(_flat_kernel)[(programs, chunks)](
+    torch.library.wrap_triton(flat_kernel)[(programs, chunks)](
         theta,
         v,
         a,

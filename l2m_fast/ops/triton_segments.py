@@ -113,7 +113,7 @@ if HAS_TRITON:
         )
 
     @triton.jit(do_not_specialize=["seed", "sample_offset"])
-    def _sample_into_segments_kernel(
+    def segments_kernel(
         map_ptr,
         a_ptr,
         b_ptr,
@@ -425,7 +425,7 @@ def _launch_segments(
     """One launch of the segment kernel over ``table``'s program map for ``cfg.block``."""
     pmap = table.program_map(cfg.block)
     programs, per, chunks = launch_grid(pmap.shape[0], table.num_samples, sample_offset, pmap.device)
-    _sample_into_segments_kernel[(programs, chunks)](
+    segments_kernel[(programs, chunks)](
         pmap,
         a,
         b,
