@@ -23,8 +23,11 @@ predictives, calibration and evidence as the Adam posterior.
 Likelihoods: ``"classification"``, logits ``(..., C)`` (every leading position an example with its own
 label, e.g. tokens); ``"regression"``, means ``(B, ...)`` under Gaussian noise of standard deviation
 ``sigma`` (required), per-example loss ``|y - f|^2 / (2 sigma^2)``. Accumulation is in float32 whatever
-the parameters' dtype (AMP, bf16). DTensor parameters accumulate their local shards; FSDP2 modules are
-refused with a clear error (their parameters' gradients do not come from the autograd graph).
+the parameters' dtype (AMP, bf16). DTensor parameters accumulate their local shards, with no
+communication. Under FSDP2 (``fully_shard``) the graph's leaves are the unsharded parameters FSDP2
+all-gathered for the forward: the tracker differentiates those (no ``.grad`` is written, so the
+training gradients are untouched) and each rank accumulates its own shard's elements from its own
+inputs, ``B_rank g_rank^2``, an unbiased estimate on its own (no gather).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .optim import ParamFilter, ParamMoment, select_named_parameters
-from .sharding import is_dtensor
+from .sharding import fsdp2_graph_params, has_fsdp2, is_dtensor, local_box
 
 __all__ = ["FisherTracker", "FisherEstimate", "fisher_diag", "fisher_moments", "sampled_label_loss", "LIKELIHOODS"]
 
@@ -103,20 +106,6 @@ def _grads(loss: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) ->
         raise
 
 
-def _refuse_fsdp2(model: nn.Module) -> None:
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        raise NotImplementedError(
-            "FSDP2 (fully_shard) parameters are not in the autograd graph (their gradients arrive through FSDP2's "
-            "reduce-scatter hooks), so their sampled-label gradient cannot be taken apart from the training "
-            "gradient: track the Fisher on the unsharded model, or estimate it after training with fisher_diag on "
-            "an unsharded copy; DTensor parameters without FSDP2 are supported"
-        )
-
-
 class FisherTracker:
     """The sampled-label Fisher diagonal, accumulated during training (see the module docstring).
 
@@ -162,10 +151,16 @@ class FisherTracker:
         for name, value, low in (("every", every, 1), ("start", start, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        _refuse_fsdp2(model)
         self.params = {n: p for n, p in select_named_parameters(model, params) if p.requires_grad}
         if not self.params:
             raise ValueError("no parameter to track: the selection is empty or nothing requires grad")
+        # FSDP2: the graph's leaves are the unsharded parameters; each rank keeps its shard's rows of them
+        self._fsdp_model = model if has_fsdp2(model) else None
+        self._boxes: dict[str, tuple[slice, ...]] = {}
+        if self._fsdp_model is not None:
+            for n, p in self.params.items():
+                _, shape, offset = local_box(n, p)
+                self._boxes[n] = tuple(slice(o, o + k) for o, k in zip(offset, shape))
         self.likelihood, self.sigma, self.decay = likelihood, sigma, decay
         self.every, self.start = every, start
         self.calls = 0  # update() calls so far
@@ -199,12 +194,18 @@ class FisherTracker:
         if not due:
             return False
         loss, b = sampled_label_loss(outputs, self.likelihood, self.sigma, self._generator)
-        grads = _grads(loss, self.params, retain_graph=True)
+        leaves = dict(self.params)
+        if self._fsdp_model is not None:  # differentiate FSDP2's unsharded parameters, keep this rank's rows
+            graph = fsdp2_graph_params(self._fsdp_model)
+            leaves = {n: graph.get(id(p), p) for n, p in self.params.items()}
+        grads = _grads(loss, leaves, retain_graph=True)
         self.tracked += 1
         self.examples += b
-        for (n, _), g in zip(self.params.items(), grads):
+        for (n, p), g in zip(self.params.items(), grads):
             if g is None:  # the parameter did not take part in this forward: its gradient is zero
                 g = torch.zeros_like(self._sum[n])
+            elif leaves[n] is not p:  # an unsharded FSDP2 parameter's gradient: this rank's shard of it
+                g = g[self._boxes[n]]
             contrib = _local(g.detach()).float().square_().mul_(b)
             if self.decay is None:
                 self._sum[n].add_(contrib)

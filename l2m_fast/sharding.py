@@ -1,4 +1,4 @@
-"""Sharded parameters (DTensor / FSDP2): which global flat indices a rank holds. Placement maths only.
+"""Sharded parameters (DTensor / FSDP2): which global flat indices a rank holds, and FSDP2's own tensors.
 
 The sampling contract (:mod:`l2m_fast.ops.reference`) makes each element's sample a function of
 ``(seed, global flat index, sample index)`` only. A rank that holds a shard of a parameter therefore draws
@@ -19,6 +19,9 @@ global indices: for ``Shard(0)`` (FSDP2) the local rows ``[r0, r1)`` are one run
 one. The posterior keeps its local elements back to back and a tuple of runs
 ``(local_offset, global_offset, numel)``, merging runs that continue each other.
 
+Beside the placement maths, the two things the library needs from FSDP2 itself: resharding a model
+(:func:`reshard_fsdp`) and the unsharded parameters a forward ran with (:func:`fsdp2_graph_params`).
+
 Only ``Shard`` and ``Replicate`` placements are supported (``Partial`` is not a parameter layout;
 ``_StridedShard``, used when FSDP2 and tensor parallelism shard the same dimension, is refused).
 """
@@ -31,7 +34,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Run", "is_dtensor", "local_box", "box_runs", "merge_runs", "localize", "reshard_fsdp"]
+__all__ = [
+    "Run",
+    "is_dtensor",
+    "local_box",
+    "box_runs",
+    "merge_runs",
+    "localize",
+    "reshard_fsdp",
+    "has_fsdp2",
+    "fsdp2_graph_params",
+]
 
 Run = tuple[int, int, int]
 """``(local_offset, global_offset, numel)``: local elements ``[lo, lo + n)`` have global indices
@@ -193,3 +206,44 @@ def reshard_fsdp(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def has_fsdp2(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is an FSDP2 (``fully_shard``) module."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def fsdp2_graph_params(model: nn.Module) -> dict[int, Tensor]:
+    """``id(sharded parameter) -> the unsharded parameter`` that FSDP2 ran its last forward with.
+
+    FSDP2 all-gathers each sharded DTensor parameter into an unsharded one before a module's forward;
+    that unsharded tensor, not the sharded parameter, is the leaf of the autograd graph (the sharded
+    gradient arrives later, through FSDP2's reduce-scatter). Differentiating a loss with respect to it
+    gives the whole parameter's gradient from this rank's inputs, and writes no ``.grad``. Parameters of
+    modules that have not run a forward yet are absent.
+
+    Raises:
+        NotImplementedError: this torch's FSDP2 does not keep its parameters where this reads them.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    found: dict[int, Tensor] = {}
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        try:
+            groups = m._get_fsdp_state()._fsdp_param_groups
+            for group in groups:
+                for fp in group.fsdp_params:
+                    if hasattr(fp, "_unsharded_param"):
+                        found[id(fp.sharded_param)] = fp._unsharded_param
+        except AttributeError as err:
+            raise NotImplementedError(
+                f"this torch ({torch.__version__}) keeps FSDP2's unsharded parameters elsewhere ({err}): track the "
+                "Fisher on an unsharded copy of the model, or with fisher_diag on one after training"
+            ) from err
+    return found

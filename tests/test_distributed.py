@@ -261,8 +261,7 @@ def _scenario_dcp(mesh, tmpdir: str) -> None:  # noqa: ANN001
 
 def _scenario_fisher(mesh, tmpdir: str) -> None:  # noqa: ANN001
     """The sampled-label Fisher tracked on DTensor parameters: each rank accumulates its local shards (no
-    gather), equal to the same slices of the unsharded model's; the posterior from it samples like the
-    unsharded one; FSDP2 modules are refused with the way out."""
+    gather), equal to the same slices of the unsharded model's, and so is the posterior's variance."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     class Head(nn.Module):
@@ -295,12 +294,42 @@ def _scenario_fisher(mesh, tmpdir: str) -> None:  # noqa: ANN001
     assert post.is_sharded
     where = torch.cat([torch.arange(go, go + k) for _, go, k in post.runs])  # this rank's global indices
     torch.testing.assert_close(post.variance(), ref_post.variance()[where], rtol=1e-5, atol=0)
-    fsdp_model, _, _ = _fsdp_trained(mesh)
-    with pytest.raises(NotImplementedError, match="FSDP2"):
-        l2m_fast.FisherTracker(fsdp_model)
 
 
-SCENARIOS = ("fsdp_samples", "fsdp_sampled", "dtensor_replicate", "dcp", "fisher")
+def _scenario_fisher_fsdp2(mesh, tmpdir: str) -> None:  # noqa: ANN001
+    """Under FSDP2 the tracker differentiates the unsharded parameters of the forward: each rank's Fisher
+    is its own rows of the unsharded model's tracker on its own inputs (uneven shards, an empty one); the
+    training gradients are those of a run without the tracker; the posterior from it is sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    plain, model = _mlp(), _mlp()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    named = dict(model.named_parameters())
+    tracker = l2m_fast.FisherTracker(model, likelihood="regression", sigma=0.5, seed=9)
+    ref = l2m_fast.FisherTracker(plain, likelihood="regression", sigma=0.5, seed=9)
+    for step in range(3):
+        xs = [torch.randn(6, 3, generator=torch.Generator().manual_seed(100 * step + r)) for r in range(WORLD)]
+        ys = [torch.randn(6, 1, generator=torch.Generator().manual_seed(200 * step + r)) for r in range(WORLD)]
+        out = model(xs[rank])
+        assert tracker.update(out) and ref.update(plain(xs[rank]))
+        nn.functional.mse_loss(out, ys[rank]).backward()  # the training step's backward, after the tracker's
+        plain.zero_grad()
+        nn.functional.mse_loss(plain(torch.cat(xs)), torch.cat(ys)).backward()  # FSDP2 averages the ranks
+        for (n, p), q in zip(named.items(), plain.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, msg=f"training gradient of {n}")
+            p.grad = None
+    for n, f in tracker.fisher().items():
+        want = ref.fisher()[n][_box(named[n])]
+        assert f.shape == want.shape, n
+        torch.testing.assert_close(f, want, rtol=1e-5, atol=1e-9)
+    assert rank == 0 or tracker.fisher()["2.weight"].numel() == 0  # rank 1 holds no row of 2.weight
+    post = l2m_fast.L2MPosterior.from_fisher(model, tracker, num_data=12, prior_precision=1.0)
+    assert post.is_sharded and post.global_numel == sum(p.numel() for p in plain.parameters())
+
+
+SCENARIOS = ("fsdp_samples", "fsdp_sampled", "dtensor_replicate", "dcp", "fisher", "fisher_fsdp2")
 
 
 def _worker(rank: int, port: int, tmpdir: str) -> None:
