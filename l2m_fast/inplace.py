@@ -186,19 +186,24 @@ def _pop(frame: _Frame) -> None:
             return
         _GENERATION += 1
         frame.active = False
-        innermost = [p for p in frame.params.values() if _HOLDS[id(p)].frames[-1] is frame]
-        if innermost and frame.before_restore is not None:
+        if frame.before_restore is not None and any(_HOLDS[id(p)].frames[-1] is frame for p in frame.params.values()):
             frame.before_restore()
+        saved_all, put_back = frame.saved, frame.put_back
         for p in frame.params.values():
-            h = _HOLDS[id(p)]
-            i = next(k for k, f in enumerate(h.frames) if f is frame)
-            saved = frame.saved.pop(id(p))
-            if i == len(h.frames) - 1:
-                frame.put_back(p, saved)
+            key = id(p)
+            h = _HOLDS[key]
+            frames = h.frames
+            saved = saved_all.pop(key)
+            if frames[-1] is frame:  # the innermost frame (the usual case): put back what we found
+                put_back(p, saved)
+                frames.pop()
             else:  # the frame above replaced what we bound: it must put back what we found
-                h.frames[i + 1].saved[id(p)] = saved
-            del h.frames[i]
-            _release(h)
+                i = next(k for k, f in enumerate(frames) if f is frame)
+                frames[i + 1].saved[key] = saved
+                del frames[i]
+            if not frames and not h.claims:  # _release, inlined on this per-parameter path
+                h.owner = None
+                del _HOLDS[key]
         for _, obj in _anchored(frame):
             h = _HOLDS[id(obj)]
             h.claims -= 1

@@ -8,6 +8,7 @@ row-major. A batch of S samples is one ``(S, P)`` tensor; each parameter's sampl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -31,14 +32,14 @@ class ParamSlot:
     offset: int
     shape: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
         return n
 
-    @property
+    @functools.cached_property
     def stop(self) -> int:
         return self.offset + self.numel
 

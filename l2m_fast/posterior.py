@@ -358,7 +358,7 @@ class L2MPosterior(FromSources):
             KeyError: a covered parameter is missing from the model.
             ValueError: a shape or device differs from the posterior's.
         """
-        named = dict(model.named_parameters())
+        named = dict(model.named_parameters(remove_duplicate=False))  # tied names too; no hashing of tensors
         out = {}
         for slot in self.layout:
             p = named.get(slot.name)
