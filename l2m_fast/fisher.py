@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .ops.sample import int_or_none
 from .optim import ParamFilter, ParamMoment, select_named_parameters
-from .sharding import fsdp2_graph_params, has_fsdp2, is_dtensor, local_box
+from .sharding import fsdp2_graph_params, has_fsdp2, is_dtensor, local_box, reshard_fsdp
 
 __all__ = ["FisherTracker", "FisherEstimate", "fisher_diag", "fisher_moments", "sampled_label_loss", "LIKELIHOODS"]
 
@@ -148,14 +149,22 @@ class FisherTracker:
             raise ValueError(f"regression needs sigma, the noise standard deviation (> 0), got {sigma!r}")
         if decay is not None and not 0 < decay < 1:
             raise ValueError(f"decay must lie in (0, 1) (or None for the running mean), got {decay!r}")
+        checked = {}
         for name, value, low in (("every", every, 1), ("start", start, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            found = int_or_none(value)
+            if found is None or found < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            checked[name] = found
+        every, start = checked["every"], checked["start"]
+        fsdp = has_fsdp2(model)
+        if fsdp:  # after a forward FSDP2's root holds unsharded tensors as its parameters: read the shards
+            reshard_fsdp(model)
+            fsdp2_graph_params(model)  # this torch's FSDP2 keeps its parameters where they are read (else raises)
         self.params = {n: p for n, p in select_named_parameters(model, params) if p.requires_grad}
         if not self.params:
             raise ValueError("no parameter to track: the selection is empty or nothing requires grad")
         # FSDP2: the graph's leaves are the unsharded parameters; each rank keeps its shard's rows of them
-        self._fsdp_model = model if has_fsdp2(model) else None
+        self._fsdp_model = model if fsdp else None
         self._boxes: dict[str, tuple[slice, ...]] = {}
         if self._fsdp_model is not None:
             for n, p in self.params.items():
@@ -198,7 +207,19 @@ class FisherTracker:
         if self._fsdp_model is not None:  # differentiate FSDP2's unsharded parameters, keep this rank's rows
             graph = fsdp2_graph_params(self._fsdp_model)
             leaves = {n: graph.get(id(p), p) for n, p in self.params.items()}
+            mixed = [n for n, t in leaves.items() if t is not self.params[n] and is_dtensor(t)]
+            if mixed:
+                raise NotImplementedError(
+                    f"parameters {mixed[:3]} stay DTensors after FSDP2's all-gather (FSDP2 combined with tensor "
+                    "parallelism): the tracker supports FSDP2 alone; track the Fisher on an FSDP2-only copy"
+                )
         grads = _grads(loss, leaves, retain_graph=True)
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                "no tracked parameter took part in the forward that produced these outputs: were the model's "
+                "parameters replaced after the tracker was made (load_state_dict(assign=True), fully_shard, "
+                ".to())? Make the tracker after the model is in its final form"
+            )
         self.tracked += 1
         self.examples += b
         for (n, p), g in zip(self.params.items(), grads):
@@ -288,9 +309,9 @@ class FisherEstimate:
     def settling(self) -> str:
         """Whether and when the estimate settled, in words (for reports)."""
         if self.settled_after is not None:
-            return f"relative change under {self.tol:.0%} from batch {self.settled_after} of {self.batches}"
+            return f"relative change under {self.tol * 100:g}% from batch {self.settled_after} of {self.batches}"
         last = f"; last change {self.changes[-1]:.1%}" if self.changes else ""
-        return f"not settled (relative change under {self.tol:.0%}) within {self.batches} batches{last}"
+        return f"not settled (relative change under {self.tol * 100:g}%) within {self.batches} batches{last}"
 
     def __getitem__(self, name: str) -> Tensor:
         return self.fisher[name]

@@ -236,7 +236,11 @@ def fsdp2_graph_params(model: nn.Module) -> dict[int, Tensor]:
         if not isinstance(m, FSDPModule):
             continue
         try:
-            groups = m._get_fsdp_state()._fsdp_param_groups
+            state = m._get_fsdp_state()
+            if hasattr(state, "_fsdp_param_groups"):
+                groups = state._fsdp_param_groups
+            else:  # earlier FSDP2: one group per module, or none
+                groups = [g for g in (state._fsdp_param_group,) if g is not None]
             for group in groups:
                 for fp in group.fsdp_params:
                     if hasattr(fp, "_unsharded_param"):

@@ -306,8 +306,10 @@ def _scenario_fisher_fsdp2(mesh, tmpdir: str) -> None:  # noqa: ANN001
     plain, model = _mlp(), _mlp()
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    named = dict(model.named_parameters())
+    with torch.no_grad():  # a forward first: it leaves FSDP2's root unsharded, which the tracker must undo
+        model(torch.zeros(2, 3))
     tracker = l2m_fast.FisherTracker(model, likelihood="regression", sigma=0.5, seed=9)
+    named = dict(model.named_parameters())
     ref = l2m_fast.FisherTracker(plain, likelihood="regression", sigma=0.5, seed=9)
     for step in range(3):
         xs = [torch.randn(6, 3, generator=torch.Generator().manual_seed(100 * step + r)) for r in range(WORLD)]
@@ -325,6 +327,9 @@ def _scenario_fisher_fsdp2(mesh, tmpdir: str) -> None:  # noqa: ANN001
         assert f.shape == want.shape, n
         torch.testing.assert_close(f, want, rtol=1e-5, atol=1e-9)
     assert rank == 0 or tracker.fisher()["2.weight"].numel() == 0  # rank 1 holds no row of 2.weight
+    # after training forwards (root unsharded again): a partial pass gives each rank its shards too
+    est = l2m_fast.fisher_diag(model, [xs[rank]], likelihood="regression", sigma=0.5, seed=9)
+    assert {n: f.shape for n, f in est.fisher.items()} == {n: f.shape for n, f in tracker.fisher().items()}
     post = l2m_fast.L2MPosterior.from_fisher(model, tracker, num_data=12, prior_precision=1.0)
     assert post.is_sharded and post.global_numel == sum(p.numel() for p in plain.parameters())
 
