@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .inplace import held_parameters
+from .ops.sample import int_or_none
 from .predictive import predict
 from .predictive.plan import as_args
 from .predictive.results import LINKS
@@ -246,8 +247,9 @@ def calibrate(
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     if link not in LINKS or (link != "mc" and task != "classification"):
         raise ValueError(f"link must be one of {LINKS} (probit for classification only), got {link!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2 (a variance is estimated from them), got {num_samples!r}")
+    given, num_samples = num_samples, int_or_none(num_samples)
+    if num_samples is None or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2 (a variance is estimated from them), got {given!r}")
     if not (search[0] < search[1]) or not step > 0:
         raise ValueError(f"search must be (low, high) with low < high and step > 0, got {search}, {step}")
     if noise_var is not None and not (math.isfinite(noise_var) and noise_var > 0):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .fisher import FisherEstimate, FisherTracker, fisher_moments
 from .modes import PerGroup, coefficients
+from .ops.sample import int_or_none
 from .optim import ParamFilter, ParamMoment, moments_from_optimizer, moments_from_state_dict
 from .sharding import reshard_fsdp
 
@@ -128,8 +129,9 @@ class FromSources:
         Returns:
             The posterior (``mode="fisher"``), sampled, predicted and calibrated like any other.
         """
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
-            raise ValueError(f"num_data must be a positive int (the training set size), got {num_data!r}")
+        given, num_data = num_data, int_or_none(num_data)
+        if num_data is None or num_data < 1:
+            raise ValueError(f"num_data must be a positive int (the training set size), got {given!r}")
         reshard_fsdp(model)
         moments, kept = fisher_moments(model, fisher)
         options = {"fisher_scale": float(num_data), "prior_precision": prior_precision, "temperature": temperature}

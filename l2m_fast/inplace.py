@@ -516,7 +516,7 @@ class SampleIterator:
         seed: int,
         sample_offset: int = 0,
     ) -> None:
-        num_samples = as_int(num_samples, "num_samples")
+        num_samples, sample_offset = as_int(num_samples, "num_samples"), as_int(sample_offset, "sample_offset")
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self.model = model

@@ -358,7 +358,7 @@ class L2MPosterior(FromSources):
             KeyError: a covered parameter is missing from the model.
             ValueError: a shape or device differs from the posterior's.
         """
-        named = dict(model.named_parameters(remove_duplicate=False))  # tied names too; no hashing of tensors
+        named = dict(model.named_parameters())  # a tied weight under its first name only, as in every layout
         out = {}
         for slot in self.layout:
             p = named.get(slot.name)

@@ -170,12 +170,20 @@ def test_integer_scalars_are_accepted_wherever_an_int_is() -> None:
     with post.sampled(model, np.int64(2), np.int64(3)):
         sampled = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(sampled, ref[2], rtol=0, atol=0)
+    with post.sampled(model, torch.tensor(1), torch.tensor(3)):  # 0-d integer tensors
+        got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, ref[1], rtol=0, atol=0)
+    with post.iter_sampled(model, np.int32(2), seed=np.int32(3), sample_offset=torch.tensor(1)) as it:
+        for i in it:
+            assert type(i) is int
+            got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            torch.testing.assert_close(got, post.sample(1, seed=3, sample_offset=i).flat[0], rtol=0, atol=0)
     assert list(post.iter_sampled(model, np.int32(2), seed=np.int32(3))) == [0, 1]
     x = torch.randn(4, 3)
-    a = post.predict(model, x, np.int64(4), seed=np.int64(1), progress=False)
+    a = post.predict(model, x, np.int64(4), seed=np.int64(1), chunk_size=np.int64(3), progress=False)
     b = post.predict(model, x, 4, seed=1, progress=False)
-    torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
-    for bad in (True, 1.0, "1"):
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+    for bad in (True, np.bool_(True), torch.tensor(True), torch.tensor([3]), 1.0, torch.tensor(1.0), "1"):
         with pytest.raises(TypeError, match="seed must be an int"):
             post.sample(1, seed=bad)
 
@@ -244,12 +252,12 @@ def test_cli_usage_problems_are_messages_not_tracebacks(argv, message, capsys) -
     assert message in err and "Traceback" not in err
 
 
-def test_cli_names_the_extra_for_a_missing_package(monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_cli_names_the_extra_for_a_missing_package(monkeypatch, capsys, tmp_path) -> None:  # noqa: ANN001
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--epochs", "1", "--out", "/tmp/l2m_fast_test_out"])
+        main(["demo", "--epochs", "1", "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert "pip install 'l2m_fast[demo]'" in capsys.readouterr().err

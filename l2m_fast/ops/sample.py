@@ -188,14 +188,31 @@ def _check_float32_vector(t: Tensor, name: str) -> Tensor:
     return t.reshape(-1).contiguous()
 
 
+def int_or_none(value: object) -> int | None:
+    """``value`` as a Python int if it is an integer scalar (an int, a NumPy integer, a 0-d integer tensor),
+    else None; a bool (Python, NumPy or tensor) is not an integer here."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return None
+        return int(value.item())
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # Python's and NumPy's bools
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def as_int(value: object, name: str) -> int:
-    """``value`` as a Python int: ints and integer scalars (NumPy's, 0-d integer tensors); never a bool."""
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
-            pass
-    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """``value`` as a Python int (see :func:`int_or_none`).
+
+    Raises:
+        TypeError: ``value`` is not an integer scalar (naming ``name``).
+    """
+    found = int_or_none(value)
+    if found is None:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return found
 
 
 def _signed_seed(seed: int) -> int:

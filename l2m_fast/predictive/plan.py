@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..ops.sample import OUTPUT_DTYPES
+from ..ops.sample import OUTPUT_DTYPES, int_or_none
 
 if TYPE_CHECKING:
     from ..posterior import L2MPosterior
@@ -212,9 +212,10 @@ def sample_dtype(params: Mapping[str, nn.Parameter]) -> torch.dtype:
 
 
 def _positive(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    found = int_or_none(value)
+    if found is None or found < 1:
         raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return value
+    return found
 
 
 def plan_predict(
