@@ -193,6 +193,16 @@ def test_vmap_falls_back_to_loop_with_a_warning() -> None:
     torch.testing.assert_close(pred.mean, ys.mean(0).float(), rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError):
         post.predict(model, x, num_samples=6, seed=0, method="vmap", progress=False)
+    # the loop that takes over sizes its chunk by the sample rows alone, not by vmap's working set
+    budget = 4000
+    vmap_plan = plan_predict(post, model, x, 200, method="vmap", max_memory=budget)
+    loop_plan = plan_predict(post, model, x, 200, method="loop", max_memory=budget)
+    assert vmap_plan.chunk_size < loop_plan.chunk_size
+    with pytest.warns(RuntimeWarning, match="loop"):
+        pred = post.predict(model, x, num_samples=200, seed=1, max_memory=budget, progress=False)
+    assert pred.method == "loop" and pred.chunk_size == loop_plan.chunk_size
+    ys = torch.stack(_loop_outputs(post, model, x, 200, 1)).double()
+    torch.testing.assert_close(pred.mean, ys.mean(0).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_plan_rule() -> None:

@@ -328,6 +328,17 @@ def predict(
         )
 
 
+def _loop_chunk(plan: PredictPlan, chunk: int, chunk_size: int | None, buf: Tensor) -> tuple[int, Tensor]:
+    """The chunk and sample buffer once an auto plan turns to the loop: the loop's own chunk (sized by its
+    sample rows), unless the caller fixed ``chunk_size``; the buffer grows if it must (else a prefix)."""
+    if chunk_size is not None or plan.loop_chunk_size < 1:
+        return chunk, buf
+    chunk = plan.loop_chunk_size
+    if chunk > buf.shape[0]:
+        buf = torch.empty(chunk, buf.shape[1], dtype=buf.dtype, device=buf.device)
+    return chunk, buf
+
+
 def _predict_chunked(
     posterior: L2MPosterior,
     model: nn.Module,
@@ -408,8 +419,11 @@ def _predict_chunked(
                         )
                         run_method, trial = "loop", False
                         why = f"vmap failed: {type(err).__name__}"
-                        remember_plan(model, key, replace(plan, method="loop", reason=why, measured=True))
                         out = evaluator.loop(rows, binding)
+                        chunk, buf = _loop_chunk(plan, chunk, chunk_size, buf)
+                        remember_plan(
+                            model, key, replace(plan, method="loop", reason=why, measured=True, chunk_size=chunk)
+                        )
                 dt = (time.perf_counter() - t0) / c
                 if trial and chunks_done == 1:
                     t_vmap = dt
@@ -417,9 +431,8 @@ def _predict_chunked(
                     trial = False
                     run_method = "loop" if dt < t_vmap else "vmap"
                     reason = f"measured: vmap {t_vmap * 1e3:.3g} ms/sample, loop {dt * 1e3:.3g} ms/sample"
-                    if run_method == "loop" and chunk_size is None and plan.loop_chunk_size > chunk:  # loop's chunk
-                        chunk = plan.loop_chunk_size
-                        buf = torch.empty(chunk, posterior.num_params, dtype=buf.dtype, device=buf.device)
+                    if run_method == "loop":
+                        chunk, buf = _loop_chunk(plan, chunk, chunk_size, buf)
                     remember_plan(
                         model, key, replace(plan, method=run_method, reason=reason, measured=True, chunk_size=chunk)
                     )
