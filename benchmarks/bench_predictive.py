@@ -1,6 +1,6 @@
 """Posterior predictive benchmark: ``L2MPosterior.predict`` against per-sample Python loops.
 
-Cases (issue 5):
+Cases:
 
 * ``toy``: the paper's 1-40-40-1 ReLU MLP, S = 500 samples, 200 test inputs (regression);
 * ``mlp``: a 784-512-512-10 MLP, batch 256, S = 100 samples (classification).

@@ -278,7 +278,7 @@ def write_text_outputs(res: TextResult, out: Path, title: str = "") -> str:
     write_csv(out / "text.csv", res.rows)
     write_csv(out / "text_seeds.csv", [{"seed": i, **r} for i, rows in enumerate(res.per_seed) for r in rows])
     if res.curvature_rows:
-        parts += ["Curvature (issue 16): where the posterior's precision comes from, each linearized and calibrated "
+        parts += ["Curvature: where the posterior's precision comes from, each linearized and calibrated "
                   "on validation data", markdown_table(res.curvature_rows, CURVATURE_COLUMNS)]
         write_csv(out / "text_curvature.csv", res.curvature_rows)
     if res.whole:
