@@ -359,8 +359,7 @@ class SampleWriter:
             if self.sharded:
                 reshard_fsdp(model)  # after a forward under no_grad an FSDP2 root holds unsharded plain tensors
             self.params = posterior.parameters_of(model)
-        self._buffers: list[Tensor] | None = None
-        self._work: _Work | None = None
+        self._work: _Work | None = None  # the work buffers and the parameters' views of them, while entered
         if self.sharded:
             self._runs = [(0, posterior.num_params, torch.float32)]
             self._frame = _Frame(self.params, self._backup, self._copy_back, lambda: reshard_fsdp(model), model)
@@ -389,6 +388,11 @@ class SampleWriter:
         with torch.no_grad():
             self._local(p).copy_(saved)
 
+    @property
+    def _buffers(self) -> list[Tensor] | None:
+        """The work buffers, one per dtype run, while the context is entered."""
+        return None if self._work is None else self._work[0]
+
     def _make_buffers(self) -> _Work:
         dev = self.posterior.device
         buffers = [torch.zeros(stop - start, dtype=dt, device=dev) for start, stop, dt in self._runs]
@@ -402,7 +406,7 @@ class SampleWriter:
 
     def _enter(self) -> None:
         self._work = _take_buffers(self.posterior, self._key, self._make_buffers)
-        self._buffers, views = self._work
+        views = self._work[1]
         if self.sharded:
             reshard_fsdp(self.model)  # the writes must land in the shards that the next forward all-gathers
             _push(self._frame)
@@ -446,7 +450,7 @@ class SampleWriter:
     def _release_buffers(self) -> None:
         if self._work is not None:
             _give_back(self.posterior, self._key, self._work)
-            self._work = self._buffers = None
+            self._work = None
 
     def restore(self) -> None:
         """Ends the context: the parameters get back what they held when it was entered (module doc)."""

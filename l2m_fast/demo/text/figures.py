@@ -22,6 +22,16 @@ def _plt():  # noqa: ANN202
     return plt
 
 
+def _save(plt, fig, path: Path, title: str) -> Path:  # noqa: ANN001
+    """Titles, lays out, writes and closes ``fig``; returns ``path``."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def reliability_diagram(
     preds: Mapping[str, Tensor], labels: Tensor, path: Path, bins: int = 15, title: str = ""
 ) -> Path:
@@ -59,12 +69,7 @@ def reliability_diagram(
         ax.set_xlabel("confidence", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("accuracy", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def entropy_histograms(
@@ -96,9 +101,4 @@ def entropy_histograms(
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("density (log)", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
