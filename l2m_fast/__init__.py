@@ -5,7 +5,8 @@ from ._version import __version__
 from .calibration import CalibrationReport, calibrate
 from .ensemble import L2MEnsemble
 from .fisher import FisherEstimate, FisherTracker, fisher_diag
-from .inplace import InPlaceOrderError, ModelInUseError, ParamBinding, SampleIterator, SampleWriter
+from .holds import InPlaceOrderError, ModelInUseError
+from .inplace import ParamBinding, SampleIterator, SampleWriter
 from .layout import FlatLayout, ParamSlot
 from .posterior import L2MPosterior, SampleBatch
 from .predictive import ClassificationPrediction, PredictPlan, RegressionPrediction, plan_predict, predict

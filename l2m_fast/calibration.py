@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .inplace import held_parameters
+from .holds import held_parameters
 from .ops.sample import int_or_none
 from .predictive import predict
 from .predictive.plan import as_args

@@ -34,12 +34,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from .holds import Frame, claim, pop, push, require_innermost
 from .ops.sample import OUTPUT_DTYPES, as_int
 from .sharding import local_box, reshard_fsdp
 
@@ -47,205 +48,12 @@ if TYPE_CHECKING:
     from .posterior import L2MPosterior
 
 __all__ = [
-    "InPlaceOrderError",
-    "ModelInUseError",
     "ParamBinding",
     "SampleWriter",
     "SampleIterator",
     "sampled",
-    "claim",
-    "held_parameters",
     "free_work_buffers",
 ]
-
-
-class InPlaceOrderError(RuntimeError):
-    """A context wrote a sample while a context entered after it still holds the same parameters."""
-
-
-class ModelInUseError(RuntimeError):
-    """Another thread holds the parameters (an in-place context or a predictive is using them)."""
-
-
-# ------------------------------------------------------------------------------ frames, stacks, owners
-
-
-class _Frame:
-    """One context's hold on some parameters: what each held before, and how to put it back.
-
-    Args:
-        params: name -> parameter.
-        capture: what to save of a parameter before the frame changes it.
-        put_back: restores a parameter from what was saved.
-        before_restore: called once before the frame restores anything (FSDP2: reshard).
-        anchor: the model, held (for this thread) while the frame is active, not changed.
-    """
-
-    def __init__(
-        self,
-        params: Mapping[str, nn.Parameter],
-        capture: Callable[[nn.Parameter], Tensor],
-        put_back: Callable[[nn.Parameter, Tensor], None],
-        before_restore: Callable[[], None] | None = None,
-        anchor: nn.Module | None = None,
-    ) -> None:
-        self.params = dict(params)
-        self.anchor = anchor
-        self.capture = capture
-        self.put_back = put_back
-        self.before_restore = before_restore
-        self.saved: dict[int, Tensor] = {}
-        self.active = False
-        self.checked = -1  # the value of _GENERATION when this frame was last found innermost
-
-
-class _Holds:
-    """Frames and claims on one parameter (or model), and the thread they belong to."""
-
-    __slots__ = ("frames", "claims", "owner", "obj")
-
-    def __init__(self, obj: object) -> None:
-        self.frames: list[_Frame] = []
-        self.claims = 0
-        self.owner: int | None = None
-        self.obj = obj
-
-
-_LOCK = threading.RLock()
-_HOLDS: dict[int, _Holds] = {}  # id(parameter or model) -> its holds, present only while held
-_GENERATION = 0  # bumped by every push and pop: a frame found innermost stays so until it changes
-
-
-def _acquire(params: Iterable[tuple[str, object]], me: int) -> list[_Holds]:
-    """The holds of each parameter (or model), all owned by thread ``me`` (raises before changing anything)."""
-    found = []
-    for name, p in params:
-        h = _HOLDS.get(id(p))
-        if h is not None and h.owner not in (None, me):
-            what = f"parameter {name!r}" if isinstance(p, Tensor) else f"the model ({type(p).__name__})"
-            raise ModelInUseError(
-                f"{what} is held by another thread (an in-place sample or a predictive is using it): "
-                "use one model per thread (copy.deepcopy(model)), or serialise the calls with a lock"
-            )
-        found.append(h)
-    out = []
-    for (_, p), h in zip(params, found):
-        if h is None:
-            h = _HOLDS[id(p)] = _Holds(p)
-        h.owner = me
-        out.append(h)
-    return out
-
-
-def _release(h: _Holds) -> None:
-    if not h.frames and not h.claims:
-        h.owner = None
-        _HOLDS.pop(id(h.obj), None)
-
-
-def _anchored(frame: _Frame) -> list[tuple[str, object]]:
-    return [] if frame.anchor is None else [("model", frame.anchor)]
-
-
-def _push(frame: _Frame) -> None:
-    global _GENERATION
-    with _LOCK:
-        _GENERATION += 1
-        me = threading.get_ident()
-        anchor = _acquire(_anchored(frame), me)
-        holds = _acquire(list(frame.params.items()), me)
-        for h in anchor:
-            h.claims += 1
-        for (_, p), h in zip(frame.params.items(), holds):
-            frame.saved[id(p)] = frame.capture(p)
-            h.frames.append(frame)
-        frame.active = True
-
-
-def _require_innermost(frame: _Frame) -> None:
-    if frame.checked == _GENERATION:  # nothing entered or left since the last check (the per-sample hot path)
-        return
-    with _LOCK:
-        frame.checked = _GENERATION
-        for name, p in frame.params.items():
-            h = _HOLDS[id(p)]
-            if h.frames[-1] is not frame:
-                frame.checked = -1
-                raise InPlaceOrderError(
-                    f"parameter {name!r} holds a sample of an in-place context entered after this one (a sampled() "
-                    "block or another iterator over the same model): leave or close that one before drawing here; "
-                    "the weights are restored whatever the order of exits"
-                )
-
-
-def _pop(frame: _Frame) -> None:
-    """Ends a frame: an innermost frame restores what it saved, another hands it to the frame above."""
-    global _GENERATION
-    with _LOCK:
-        if not frame.active:
-            return
-        _GENERATION += 1
-        frame.active = False
-        if frame.before_restore is not None and any(_HOLDS[id(p)].frames[-1] is frame for p in frame.params.values()):
-            frame.before_restore()
-        saved_all, put_back = frame.saved, frame.put_back
-        for p in frame.params.values():
-            key = id(p)
-            h = _HOLDS[key]
-            frames = h.frames
-            saved = saved_all.pop(key)
-            if frames[-1] is frame:  # the innermost frame (the usual case): put back what we found
-                put_back(p, saved)
-                frames.pop()
-            else:  # the frame above replaced what we bound: it must put back what we found
-                i = next(k for k, f in enumerate(frames) if f is frame)
-                frames[i + 1].saved[key] = saved
-                del frames[i]
-            if not frames and not h.claims:  # _release, inlined on this per-parameter path
-                h.owner = None
-                del _HOLDS[key]
-        for _, obj in _anchored(frame):
-            h = _HOLDS[id(obj)]
-            h.claims -= 1
-            _release(h)
-
-
-@contextlib.contextmanager
-def claim(params: Mapping[str, object]) -> Iterator[None]:
-    """Holds parameters (or a model) for this thread without changing them.
-
-    Raises:
-        ModelInUseError: another thread holds one of them.
-    """
-    me = threading.get_ident()
-    with _LOCK:
-        holds = _acquire(list(params.items()), me)
-        for h in holds:
-            h.claims += 1
-    try:
-        yield
-    finally:
-        with _LOCK:
-            for h in holds:
-                h.claims -= 1
-                _release(h)
-
-
-@contextlib.contextmanager
-def held_parameters(posterior: L2MPosterior, model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
-    """The model's covered parameters, model and parameters held for this thread while the block runs.
-
-    The model is held *before* its parameters are read: while another thread's batched predictive runs,
-    ``functional_call`` has put other tensors in the model's attributes, and reading them then would pick
-    those up instead of the parameters.
-
-    Raises:
-        ModelInUseError: another thread holds the model or one of its parameters.
-    """
-    with claim({"model": model}):
-        params = posterior.parameters_of(model)
-        with claim(params):
-            yield params
 
 
 # ------------------------------------------------------------------------------------------- binding
@@ -272,7 +80,7 @@ class ParamBinding:
 
     def __init__(self, params: Mapping[str, nn.Parameter]) -> None:
         self.params = dict(params)
-        self._frame = _Frame(self.params, _data, _set_data)
+        self._frame = Frame(self.params, _data, _set_data)
 
     def bind(self, tensors: Mapping[str, Tensor]) -> None:
         """Points each parameter at ``tensors[name]`` (same shape, dtype and device; views are kept, not copied)."""
@@ -284,15 +92,15 @@ class ParamBinding:
                     f"({tuple(t.shape)}, {t.dtype}, {t.device})"
                 )
         if self._frame.active:
-            _require_innermost(self._frame)
+            require_innermost(self._frame)
         else:
-            _push(self._frame)
+            push(self._frame)
         for n, p in self.params.items():
             p.data = tensors[n]
 
     def restore(self) -> None:
         """Ends the binding: the parameters get back what they held before it (see the module doc)."""
-        _pop(self._frame)
+        pop(self._frame)
 
     @property
     def bound(self) -> bool:
@@ -308,13 +116,14 @@ class ParamBinding:
 # ------------------------------------------------------------------------------------- work buffers
 
 _Work = tuple[list[Tensor], dict[str, Tensor]]  # work buffers, and each covered parameter's view of them
+_WORK_LOCK = threading.Lock()
 _WORK: weakref.WeakKeyDictionary[L2MPosterior, dict[tuple, list[_Work]]] = weakref.WeakKeyDictionary()
 
 
 def _take_buffers(posterior: L2MPosterior, key: tuple, make: Callable[[], _Work]) -> _Work:
     """A free set of work buffers of this posterior for this layout key (allocated on first use only), with
     the parameters' views of them (made once with the buffers, not sliced again per context)."""
-    with _LOCK:
+    with _WORK_LOCK:
         pool = _WORK.setdefault(posterior, {}).setdefault(key, [])
         if pool:
             return pool.pop()
@@ -322,7 +131,7 @@ def _take_buffers(posterior: L2MPosterior, key: tuple, make: Callable[[], _Work]
 
 
 def _give_back(posterior: L2MPosterior, key: tuple, buffers: _Work) -> None:
-    with _LOCK:
+    with _WORK_LOCK:
         pool = _WORK.setdefault(posterior, {}).setdefault(key, [])
         if not pool:  # keep one set: nested contexts of one posterior are rare, their extra buffers are freed
             pool.append(buffers)
@@ -330,7 +139,7 @@ def _give_back(posterior: L2MPosterior, key: tuple, buffers: _Work) -> None:
 
 def free_work_buffers(posterior: L2MPosterior) -> None:
     """Frees the work buffers kept for ``posterior``'s in-place contexts (one copy of its parameters)."""
-    with _LOCK:
+    with _WORK_LOCK:
         _WORK.pop(posterior, None)
 
 
@@ -362,10 +171,10 @@ class SampleWriter:
         self._work: _Work | None = None  # the work buffers and the parameters' views of them, while entered
         if self.sharded:
             self._runs = [(0, posterior.num_params, torch.float32)]
-            self._frame = _Frame(self.params, self._backup, self._copy_back, lambda: reshard_fsdp(model), model)
+            self._frame = Frame(self.params, self._backup, self._copy_back, lambda: reshard_fsdp(model), model)
         else:
             self._runs = self._dtype_runs()
-            self._frame = _Frame(self.params, _data, _set_data, anchor=model)
+            self._frame = Frame(self.params, _data, _set_data, anchor=model)
         self._key = (posterior.device, tuple(self._runs))
 
     def _dtype_runs(self) -> list[tuple[int, int, torch.dtype]]:
@@ -409,10 +218,10 @@ class SampleWriter:
         views = self._work[1]
         if self.sharded:
             reshard_fsdp(self.model)  # the writes must land in the shards that the next forward all-gathers
-            _push(self._frame)
+            push(self._frame)
             return
         try:
-            _push(self._frame)
+            push(self._frame)
         except BaseException:
             self._release_buffers()
             raise
@@ -429,7 +238,7 @@ class SampleWriter:
         if not self._frame.active:
             self._enter()
         else:
-            _require_innermost(self._frame)
+            require_innermost(self._frame)
         assert self._buffers is not None
         post = self.posterior
         for (start, stop, dt), buf in zip(self._runs, self._buffers):
@@ -455,7 +264,7 @@ class SampleWriter:
     def restore(self) -> None:
         """Ends the context: the parameters get back what they held when it was entered (module doc)."""
         try:
-            _pop(self._frame)
+            pop(self._frame)
         finally:
             self._release_buffers()
 

@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "l2m_fast"
 LAYERS: list[tuple[str, ...]] = [
     ("_env", "_build_config", "_version", "ops"),
     ("layout", "modes", "optim", "sharding", "posterior_state", "evidence", "fisher", "snapshot", "construction"),
+    ("holds",),
     ("posterior",),
     ("inplace",),
     ("predictive",),

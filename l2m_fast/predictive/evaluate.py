@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..inplace import ParamBinding, held_parameters
+from ..holds import held_parameters
+from ..inplace import ParamBinding
 from ..ops.sample import as_int
 from .plan import (
     DEFAULT_MAX_MEMORY,
